@@ -1,0 +1,29 @@
+# Quick start: `make train` and `make test`. Each creates .venv from requirements*.txt on first use.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+ARGS ?=
+
+.PHONY: train test bench clean
+
+$(VENV)/.installed: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed requirements-dev.txt
+	$(PY) -m pip install -q -r requirements-dev.txt
+	touch $@
+
+train: $(VENV)/.installed
+	$(PY) -m ray_train --config configs/default.yaml $(ARGS)
+
+test: $(VENV)/.installed-dev
+	$(PY) -m pytest -q tests $(ARGS)
+
+bench: $(VENV)/.installed-dev
+	$(PY) scripts/benchmark.py $(ARGS)
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,3 @@
+from ray_train.cli import main
+
+raise SystemExit(main())

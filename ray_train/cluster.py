@@ -1,0 +1,101 @@
+"""Where replicas run: joining or starting a Ray cluster, checking and reserving resources,
+and setting up torch.distributed among replica actors the way Ray Train does (rank 0 publishes
+its address and a free port; every rank joins with a TCP init method)."""
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+from ray_train.config import ResourcesConfig, UserError
+
+PLACEMENT_TIMEOUT_S = 60.0
+
+
+class ResourceError(UserError):
+    """The cluster cannot place what the run asks for."""
+
+
+@dataclass(frozen=True)
+class ReplicaContext:
+    """Explicit per-replica context: no hidden globals (STYLE.md #7)."""
+
+    rank: int
+    world_size: int
+    num_cpus: float
+    num_gpus: float
+    seed: int
+
+
+def init_ray(num_cpus: int | None = None) -> None:
+    """Join the cluster named by RAY_ADDRESS (as under ``ray job submit``), else start a local one.
+
+    A local cluster runs without the dashboard: on a 2-core machine its processes take CPU
+    from the replicas (PERF-NOTES.md)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    env = {"env_vars": {"PYTHONPATH": _project_pythonpath()}}
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(runtime_env=env, log_to_driver=True)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=env, log_to_driver=True)
+
+
+def _project_pythonpath() -> str:
+    # Actors must import ray_train and models from the project root even when the driver was
+    # started from another folder (as ``python scripts/train.py`` does).
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    extra = os.environ.get("PYTHONPATH")
+    return root if not extra else f"{root}{os.pathsep}{extra}"
+
+
+def check_resources(res: ResourcesConfig, count: int | None = None) -> None:
+    """Fail fast, naming what is asked and what the cluster has, instead of hanging on placement."""
+    import ray
+
+    count = res.replicas if count is None else count
+    total = ray.cluster_resources()
+    asks = {"CPU": count * res.cpus_per_replica, "GPU": count * res.gpus_per_replica}
+    for kind, asked in asks.items():
+        have = total.get(kind, 0.0)
+        if asked > have + 1e-9:
+            per = res.cpus_per_replica if kind == "CPU" else res.gpus_per_replica
+            raise ResourceError(
+                f"resources: {count} replicas x {per:g} {kind} = {asked:g} {kind} asked, but the cluster "
+                f"has {have:g} {kind} in all; lower --replicas or --{kind.lower()}s-per-replica"
+            )
+
+
+def reserve(res: ResourcesConfig, count: int | None = None):
+    """A placement group with one bundle per replica, ready or a ResourceError within the timeout."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    count = res.replicas if count is None else count
+    check_resources(res, count)
+    bundle = {"CPU": res.cpus_per_replica}
+    if res.gpus_per_replica:
+        bundle["GPU"] = res.gpus_per_replica
+    pg = placement_group([dict(bundle) for _ in range(count)], strategy=res.placement)
+    ready, _ = ray.wait([pg.ready()], timeout=PLACEMENT_TIMEOUT_S)
+    if not ready:
+        remove_placement_group(pg)
+        raise ResourceError(
+            f"resources: could not place {count} replicas of {bundle} with strategy {res.placement} within "
+            f"{PLACEMENT_TIMEOUT_S:.0f} s; available now: {ray.available_resources()}"
+        )
+    return pg
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def node_address() -> str:
+    import ray
+
+    return ray.util.get_node_ip_address()

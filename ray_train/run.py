@@ -1,0 +1,65 @@
+"""One run, start to finish: cluster, data in the object store, run folder, metrics, the
+strategy's loop, and summary.json. The CLI, scripts and tests all come through ``execute``."""
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from ray_train.config import TrainConfig, UserError
+from ray_train.metrics import MetricsSink, NullLogger, TensorBoardLogger, write_json
+
+
+def make_run_dir(cfg: TrainConfig, name: str) -> str:
+    run_dir = os.path.join(cfg.run.storage, name)
+    if os.path.exists(os.path.join(run_dir, "summary.json")):
+        raise UserError(f"run.run_name: {run_dir} already holds a finished run; choose another --run-name")
+    os.makedirs(run_dir, exist_ok=True)
+    return run_dir
+
+
+def execute(cfg: TrainConfig, tensorboard: bool = True, progress: bool = True, out=None) -> dict:
+    import ray
+
+    out = out or sys.stdout
+
+    from ray_train.cluster import check_resources, init_ray
+    from ray_train.data import load_dataset
+    from ray_train.strategies import get_strategy
+    from ray_train.strategies.base import RunContext
+
+    strategy = get_strategy(cfg.run.strategy)
+    t_start = time.perf_counter()
+    init_ray()
+    check_resources(cfg.resources)
+    data = load_dataset(cfg.data, seed=cfg.run.seed)
+    name = cfg.run_name
+    run_dir = make_run_dir(cfg, name)
+    data_ref = ray.put(data)
+    logger = TensorBoardLogger(run_dir) if tensorboard else NullLogger()
+    sink = MetricsSink(logger, out=out, progress=progress)
+    print(f"run {name}: {cfg.run.strategy} {cfg.model.name} on {data.name} "
+          f"({len(data.y_train)} train / {len(data.y_test)} test), logs in {run_dir}", file=out, flush=True)
+    try:
+        result = strategy(RunContext(cfg, data, data_ref, sink, run_dir))
+    finally:
+        sink.logger.flush()
+    summary = {
+        "run_name": name, "strategy": cfg.run.strategy, "model": cfg.model.name, "dataset": data.name,
+        "replicas": cfg.resources.replicas, "epochs": len(sink.history), **result,
+        "wall_s": time.perf_counter() - t_start, "history": sink.history, "config": cfg.to_dict(),
+    }
+    sink.finish(hparams=_flat_hparams(cfg),
+                metrics={"hparams/test_accuracy": summary["test_accuracy"], "hparams/wall_s": summary["wall_s"]})
+    write_json(os.path.join(run_dir, "summary.json"), summary)
+    print(f"done: test accuracy {summary['test_accuracy']:.4f} ({summary['test_errors']} errors), "
+          f"{summary['samples_per_s']:,.0f} samples/s, {summary['wall_s']:.1f} s wall; "
+          f"summary in {run_dir}/summary.json", file=out, flush=True)
+    if tensorboard:
+        print(f"watch it: tensorboard --logdir {cfg.run.storage}", file=out, flush=True)
+    return summary
+
+
+def _flat_hparams(cfg: TrainConfig) -> dict:
+    return {f"{section}.{k}": v for section, values in cfg.to_dict().items() for k, v in values.items()
+            if v is not None}

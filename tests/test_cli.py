@@ -1,0 +1,91 @@
+"""Bad input: one line on stderr naming the problem, exit status 2, no traceback."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from ray_train.cli import main
+from tests.conftest import ROOT
+
+BAD_FLAGS = [
+    (["--model", "resnet9000"], "model.name"),
+    (["--dataset", "cifar"], "data.dataset"),
+    (["--optimizer", "lbfgs"], "optim.optimizer"),
+    (["--strategy", "hogwild"], "run.strategy"),
+    (["--schedule", "cosine"], "optim.schedule"),
+    (["--replicas", "0"], "resources.replicas"),
+    (["--replicas", "-2"], "resources.replicas"),
+    (["--batch-size", "0"], "run.batch_size"),
+    (["--epochs", "-1"], "run.epochs"),
+    (["--lr", "0"], "optim.lr"),
+    (["--cpus-per-replica", "0"], "resources.cpus_per_replica"),
+    (["--gpus-per-replica", "-1"], "resources.gpus_per_replica"),
+    (["--eval-every", "0"], "run.eval_every"),
+    (["--replicas", "two"], "--replicas"),
+    (["--config", "/nonexistent/job.yaml"], "file not found"),
+]
+
+
+def _one_line_error(capsys, argv, needle):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("ray_train: error:") and needle in err[0], err[0]
+    assert "Traceback" not in err[0]
+    return err[0]
+
+
+@pytest.mark.parametrize("argv,needle", BAD_FLAGS, ids=[" ".join(a) for a, _ in BAD_FLAGS])
+def test_bad_flag(capsys, argv, needle):
+    _one_line_error(capsys, argv, needle)
+
+
+def test_unknown_value_lists_allowed_values(capsys):
+    line = _one_line_error(capsys, ["--model", "resnet9000"], "model.name")
+    assert "net_b" in line and "mlp30" in line
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("run: {epochs: 3\n", "malformed YAML"),
+    ("run:\n  epochs: 3\n   bad indent: [\n", "malformed YAML"),
+    ("run: {epochz: 3}\n", "unknown key 'epochz'"),
+    ("training: {epochs: 3}\n", "unknown section 'training'"),
+    ("- just\n- a list\n", "mapping"),
+    ("run: {epochs: three}\n", "run.epochs"),
+])
+def test_bad_config_file(capsys, tmp_path, text, needle):
+    path = tmp_path / "job.yaml"
+    path.write_text(text)
+    _one_line_error(capsys, ["--config", str(path)], needle)
+
+
+def test_cli_flags_override_yaml(tmp_path):
+    from ray_train.cli import parse_config
+
+    path = tmp_path / "job.yaml"
+    path.write_text("run: {epochs: 7, batch_size: 32}\nmodel: {name: net_c}\n")
+    cfg, _ = parse_config(["--config", str(path), "--epochs", "2", "--expand"])
+    assert (cfg.run.epochs, cfg.run.batch_size, cfg.model.name, cfg.data.expand) == (2, 32, "net_c", True)
+
+
+def test_more_replicas_than_the_cluster_fails_fast(capsys, ray_cluster, tmp_path):
+    line = _one_line_error(capsys, ["--replicas", "5", "--storage", str(tmp_path), "--no-tensorboard"], "5 CPU asked")
+    assert "2 CPU" in line
+
+
+def test_gpus_on_a_cluster_without_gpus_fails_fast(capsys, ray_cluster, tmp_path):
+    _one_line_error(capsys, ["--gpus-per-replica", "1", "--storage", str(tmp_path)], "GPU asked")
+
+
+@pytest.mark.parametrize("entry", [["-m", "ray_train"], ["scripts/train.py"]])
+def test_real_process_exit_status_and_help(entry):
+    bad = subprocess.run([sys.executable, *entry, "--model", "nope"], cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode == 2
+    assert bad.stderr.strip().count("\n") == 0 and "model.name" in bad.stderr
+    assert "Traceback" not in bad.stderr
+    ok = subprocess.run([sys.executable, *entry, "--help"], cwd=ROOT, capture_output=True, text=True,
+                        env={**os.environ, "COLUMNS": "120"})
+    assert ok.returncode == 0
+    for flag in ("--strategy", "--replicas", "--gpus-per-replica", "--config", "--eval-every"):
+        assert flag in ok.stdout
