@@ -36,6 +36,26 @@ FLAGS: list[tuple[str, str, str, type, str]] = [
     ("--eval-every", "run", "eval_every", int, "evaluate every N epochs (default 1)"),
     ("--log-every", "run", "log_every", int, "steps between streamed training metrics (default 10)"),
     ("--allreduce", "run", "allreduce", str, f"gradient averaging for sync: {', '.join(ALLREDUCE)} (default auto)"),
+    ("--expand", "data", "expand", bool, "add Nielsen's 1-pixel shifted copies of the training data (5x)"),
+    # checkpoints, resume, failures, stop conditions (every strategy)
+    ("--resume", "run", "resume", str, "continue the run in this folder (runs/<name>) from its last checkpoint"),
+    ("--checkpoint-every", "run", "checkpoint_every", int, "epochs between checkpoints (default 1)"),
+    ("--keep-checkpoints", "run", "keep_checkpoints", int, "most recent checkpoints kept (default 3)"),
+    ("--max-failures", "run", "max_failures", int, "replica failures survived before giving up (default 3)"),
+    ("--target-accuracy", "run", "target_accuracy", float, "stop once test accuracy reaches this, 0-1 (default off)"),
+    ("--time-limit", "run", "time_limit", float, "stop after this many seconds of training (default off)"),
+    # async (Downpour SGD)
+    ("--ps-shards", "async", "ps_shards", int, "async: parameter-server shards (default 2)"),
+    ("--n-fetch", "async", "n_fetch", int, "async: steps between parameter fetches (default 1)"),
+    ("--n-push", "async", "n_push", int, "async: steps between gradient pushes (default 1)"),
+    ("--max-staleness", "async", "max_staleness", int, "async: bound on pushes ahead of the slowest replica (default off)"),
+    ("--staleness-lr", "async", "staleness_lr", bool, "async: scale each update by 1/max(1, staleness)"),
+    ("--warm-start-steps", "async", "warm_start_steps", int, "async: steps one replica trains alone first (default 0)"),
+    ("--snapshot-every", "async", "snapshot_every_s", float, "async: seconds between shard snapshots (default 10)"),
+    # ensembles
+    ("--members", "ensemble", "members", int, "ensemble: K members, seeds seed..seed+K-1 (default 5)"),
+    ("--replicas-per-member", "ensemble", "replicas_per_member", int, "ensemble: each member a sync group of R replicas (default 1)"),
+    ("--bagging", "ensemble", "bagging", bool, "ensemble: each member trains on its own bootstrap sample"),
 ]
 
 
@@ -47,14 +67,16 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m ray_train", description=(
         "Train a PyTorch model on Ray actors: synchronous data-parallel SGD (gradients averaged every "
-        "step), and more strategies as they land. Joins the cluster named by RAY_ADDRESS, else starts a "
+        "step), asynchronous Downpour SGD with a sharded parameter server, or a voting ensemble. Joins the cluster named by RAY_ADDRESS, else starts a "
         "local one. Streams metrics to TensorBoard under <storage>/<run-name>/ and writes summary.json."),
         epilog="Example: python -m ray_train --model net_c --replicas 2 --epochs 5 --lr 0.1")
-    p.add_argument("--config", metavar="FILE", help="YAML file with sections run, data, model, optim, resources")
+    p.add_argument("--config", metavar="FILE", help="YAML file with sections run, data, model, optim, resources, "
+                   "async, ensemble (see configs/)")
     for flag, _, _, typ, help_ in FLAGS:
-        p.add_argument(flag, type=typ, default=None, help=help_)
-    p.add_argument("--expand", action="store_true", default=None,
-                   help="add Nielsen's 1-pixel shifted copies of the training data (5x)")
+        if typ is bool:
+            p.add_argument(flag, action="store_true", default=None, help=help_)
+        else:
+            p.add_argument(flag, type=typ, default=None, help=help_)
     p.add_argument("--no-tensorboard", action="store_true", help="write no event files")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (epoch lines only)")
     return p
@@ -67,10 +89,30 @@ def parse_config(argv: list[str] | None = None):
         value = getattr(args, flag.lstrip("-").replace("-", "_"))
         if value is not None:
             overrides.setdefault(section, {})[field] = value
-    if args.expand:
-        overrides.setdefault("data", {})["expand"] = True
     values = load_yaml(args.config) if args.config else {}
+    if args.resume:
+        values = _resume_values(args.resume, values, overrides)
     return build_config(values, overrides), args
+
+
+def _resume_values(run_dir: str, values: dict, overrides: dict) -> dict:
+    """``--resume runs/<name>``: the run's stored config, then the YAML, then the flags; the run
+    folder and name stay those of the resumed run, and its strategy cannot change."""
+    import os
+
+    from ray_train.checkpoint import read_run_file
+
+    stored = read_run_file(run_dir)
+    asked = overrides.get("run", {}).get("strategy") or values.get("run", {}).get("strategy")
+    if asked and asked != stored["strategy"]:
+        raise UserError(f"--resume: {run_dir} holds a {stored['strategy']!r} run, not {asked!r}")
+    merged = {name: {**(section or {}), **(values.get(name) or {})} for name, section in stored["config"].items()}
+    for name in values:
+        merged.setdefault(name, values[name])
+    path = os.path.normpath(run_dir)
+    overrides.setdefault("run", {}).update(
+        run_name=os.path.basename(path), storage=os.path.dirname(path) or ".", resume=path)
+    return merged
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -172,16 +172,123 @@ class RunConfig:
     allreduce: str = "auto"
     """Gradient averaging in sync SGD: auto (shared memory between replicas on one node's CPUs,
     NCCL when every replica has its own GPU, else gloo), gloo, nccl or shm."""
+    resume: str | None = None
+    """A run folder (runs/<name>) to continue from its last checkpoint."""
+    checkpoint_every: int = 1
+    """Epochs between checkpoints (every strategy; async counts epoch-equivalents)."""
+    keep_checkpoints: int = 3
+    """How many of the most recent checkpoints are kept."""
+    max_failures: int = 3
+    """Replica failures survived (sync: group restarted from the last checkpoint; async and
+    ensemble: the actor is restarted) before the run gives up."""
+    target_accuracy: float | None = None
+    """Stop once the test accuracy reaches this (0-1); None: train all epochs."""
+    time_limit: float | None = None
+    """Stop after this many seconds of training; None: no limit."""
 
     def __post_init__(self) -> None:
         _choice("run", "strategy", self.strategy, STRATEGIES)
         _choice("run", "allreduce", self.allreduce, ALLREDUCE)
-        for name in ("epochs", "batch_size", "seed", "eval_every", "log_every"):
+        for name in ("epochs", "batch_size", "seed", "eval_every", "log_every", "checkpoint_every",
+                     "keep_checkpoints", "max_failures"):
             _integer("run", name, getattr(self, name))
-        for name in ("epochs", "batch_size", "eval_every", "log_every"):
+        for name in ("epochs", "batch_size", "eval_every", "log_every", "checkpoint_every", "keep_checkpoints"):
             _positive("run", name, getattr(self, name))
+        _positive("run", "seed", self.seed, zero_ok=True)
+        _positive("run", "max_failures", self.max_failures, zero_ok=True)
+        if self.target_accuracy is not None and not (0.0 < self.target_accuracy <= 1.0):
+            raise ConfigError(f"run.target_accuracy: must be in (0, 1], got {self.target_accuracy!r}")
+        if self.time_limit is not None:
+            _positive("run", "time_limit", self.time_limit)
         if self.run_name is not None and (not self.run_name or os.sep in self.run_name):
             raise ConfigError(f"run.run_name: must be a plain folder name, got {self.run_name!r}")
+
+
+@dataclass(frozen=True)
+class AsyncConfig:
+    """Downpour SGD (``--strategy async``); the server-side optimizer comes from ``optim``."""
+
+    ps_shards: int = 2
+    """ParameterShard actors; the flat parameter vector is cut into this many near-equal slices."""
+    n_fetch: int = 1
+    """A replica pulls fresh parameters from every shard each n_fetch steps."""
+    n_push: int = 1
+    """A replica pushes its mean gradient since the last push each n_push steps."""
+    max_staleness: int | None = None
+    """Bounded staleness: a replica more than this many pushes ahead of the slowest waits."""
+    staleness_lr: bool = False
+    """Scale each update by 1 / max(1, staleness)."""
+    warm_start_steps: int = 0
+    """One replica trains alone for this many steps before the others start (DistBelief)."""
+    snapshot_every_s: float = 10.0
+    """Seconds between each shard's atomic snapshot of its slice, optimizer state and version."""
+    ps_cpus: float = 0.25
+    """CPUs Ray reserves per parameter shard."""
+
+    def __post_init__(self) -> None:
+        for name in ("ps_shards", "n_fetch", "n_push", "warm_start_steps"):
+            _integer("async", name, getattr(self, name))
+        for name in ("ps_shards", "n_fetch", "n_push"):
+            _positive("async", name, getattr(self, name))
+        _positive("async", "warm_start_steps", self.warm_start_steps, zero_ok=True)
+        if self.max_staleness is not None:
+            _integer("async", "max_staleness", self.max_staleness)
+            _positive("async", "max_staleness", self.max_staleness, zero_ok=True)
+        _positive("async", "snapshot_every_s", self.snapshot_every_s)
+        _positive("async", "ps_cpus", self.ps_cpus, zero_ok=True)
+
+
+MEMBER_KEYS = ("model", "seed", "optimizer", "lr", "bagging", "dropout", "weight")
+
+
+@dataclass(frozen=True)
+class EnsembleConfig:
+    """Voting ensembles (``--strategy ensemble``)."""
+
+    members: Any = 5
+    """K (K copies of model.name with seeds seed, seed+1, ...) or a list of member mappings with
+    keys model, seed, optimizer, lr, bagging, dropout, weight (missing keys take the run's)."""
+    replicas_per_member: int = 1
+    """Each member is a sync group of this many replicas."""
+    bagging: bool = False
+    """Every member trains on its own seeded bootstrap sample of the training set."""
+    weights: list | None = None
+    """Optional vote weight per member (same length as the members)."""
+
+    def __post_init__(self) -> None:
+        _integer("ensemble", "replicas_per_member", self.replicas_per_member)
+        _positive("ensemble", "replicas_per_member", self.replicas_per_member)
+        if isinstance(self.members, list):
+            if not self.members:
+                raise ConfigError("ensemble.members: the member list is empty; give at least one member")
+            for i, m in enumerate(self.members):
+                if not isinstance(m, Mapping):
+                    raise ConfigError(f"ensemble.members[{i}]: expected a mapping, got {m!r}")
+                unknown = sorted(set(m) - set(MEMBER_KEYS))
+                if unknown:
+                    raise ConfigError(f"ensemble.members[{i}]: unknown key {unknown[0]!r}; "
+                                      f"allowed: {', '.join(MEMBER_KEYS)}")
+                if "model" in m:
+                    _choice(f"ensemble.members[{i}]", "model", m["model"], MODEL_NAMES)
+                if "optimizer" in m:
+                    _choice(f"ensemble.members[{i}]", "optimizer", m["optimizer"], OPTIMIZERS)
+                if "lr" in m:
+                    _positive(f"ensemble.members[{i}]", "lr", m["lr"])
+            count = len(self.members)
+        else:
+            _integer("ensemble", "members", self.members)
+            _positive("ensemble", "members", self.members)
+            count = self.members
+        if self.weights is not None:
+            if not isinstance(self.weights, list) or len(self.weights) != count:
+                raise ConfigError(f"ensemble.weights: expected a list of {count} numbers (one per member), "
+                                  f"got {self.weights!r}")
+            for w in self.weights:
+                _positive("ensemble", "weights", w, zero_ok=True)
+
+    @property
+    def count(self) -> int:
+        return len(self.members) if isinstance(self.members, list) else int(self.members)
 
 
 SECTIONS: dict[str, type] = {
@@ -190,7 +297,11 @@ SECTIONS: dict[str, type] = {
     "model": ModelConfig,
     "optim": OptimConfig,
     "resources": ResourcesConfig,
+    "async": AsyncConfig,
+    "ensemble": EnsembleConfig,
 }
+# TrainConfig attribute of each section ("async" is a Python keyword).
+ATTRS = {name: ("async_" if name == "async" else name) for name in SECTIONS}
 
 
 @dataclass(frozen=True)
@@ -202,6 +313,8 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    async_: AsyncConfig = field(default_factory=AsyncConfig)
+    ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
 
     @property
     def run_name(self) -> str:
@@ -211,7 +324,7 @@ class TrainConfig:
         return f"{self.run.strategy}-{self.model.name}-{stamp}"
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
-        return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
+        return {name: dataclasses.asdict(getattr(self, ATTRS[name])) for name in SECTIONS}
 
 
 def _section(name: str, values: Any) -> Any:
@@ -240,7 +353,7 @@ def build_config(values: Mapping[str, Any] | None = None, overrides: Mapping[str
         if not isinstance(section, Mapping):
             raise ConfigError(f"{name}: expected a mapping of fields, got {type(section).__name__}")
         merged[name] = {**section, **dict((overrides or {}).get(name, {}))}
-    return TrainConfig(**{name: _section(name, merged[name]) for name in SECTIONS})
+    return TrainConfig(**{ATTRS[name]: _section(name, merged[name]) for name in SECTIONS})
 
 
 def load_yaml(path: str) -> dict[str, Any]:

@@ -38,10 +38,10 @@ class NullLogger:
 
 
 class TensorBoardLogger:
-    def __init__(self, log_dir: str) -> None:
+    def __init__(self, log_dir: str, purge_step: int | None = None) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(log_dir=log_dir, flush_secs=FLUSH_SECS)
+        self.writer = SummaryWriter(log_dir=log_dir, flush_secs=FLUSH_SECS, purge_step=purge_step)
 
     def scalar(self, tag, value, step):
         self.writer.add_scalar(tag, float(value), step)
@@ -146,6 +146,16 @@ class MetricsSink:
         print(f"epoch {record['epoch']:>3}  loss {record['train_loss']:.4f}  train acc "
               f"{record['train_accuracy']:.4f}{test}  {record['samples_per_s']:,.0f} samples/s",
               file=self.out, flush=True)
+
+    # -- any other tag (async: ps/*, ensemble: member_k/*, ensemble/*) -----------------------
+    def scalar(self, tag: str, value: float, step: int) -> None:
+        self.logger.scalar(tag, value, step)
+
+    def histogram(self, tag: str, values, step: int) -> None:
+        self.logger.histogram(tag, values, step)
+
+    def image(self, tag: str, image_hwc: np.ndarray, step: int) -> None:
+        self.logger.image(tag, image_hwc, step)
 
     def weights(self, named: dict[str, np.ndarray], step: int) -> None:
         for name, values in named.items():

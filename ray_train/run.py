@@ -6,15 +6,20 @@ import os
 import sys
 import time
 
+from ray_train.checkpoint import RUN_FILE, CheckpointStore, write_run_file
 from ray_train.config import TrainConfig, UserError
 from ray_train.metrics import MetricsSink, NullLogger, TensorBoardLogger, write_json
 
 
 def make_run_dir(cfg: TrainConfig, name: str) -> str:
     run_dir = os.path.join(cfg.run.storage, name)
-    if os.path.exists(os.path.join(run_dir, "summary.json")):
-        raise UserError(f"run.run_name: {run_dir} already holds a finished run; choose another --run-name")
+    if cfg.run.resume:
+        return run_dir  # the CLI checked it is a run folder of this strategy
+    if os.path.exists(os.path.join(run_dir, RUN_FILE)):
+        raise UserError(f"run.run_name: {run_dir} already holds a run; choose another --run-name "
+                        f"or continue it with --resume {run_dir}")
     os.makedirs(run_dir, exist_ok=True)
+    write_run_file(run_dir, cfg.run.strategy, cfg.to_dict())
     return run_dir
 
 
@@ -36,12 +41,26 @@ def execute(cfg: TrainConfig, tensorboard: bool = True, progress: bool = True, o
     name = cfg.run_name
     run_dir = make_run_dir(cfg, name)
     data_ref = ray.put(data)
-    logger = TensorBoardLogger(run_dir) if tensorboard else NullLogger()
+    checkpoints = CheckpointStore(run_dir, keep=cfg.run.keep_checkpoints)
+    resume_state = None
+    if cfg.run.resume:
+        found = checkpoints.load_latest()
+        if found is None:
+            print(f"warning: {run_dir} has no readable checkpoint; starting from scratch", file=sys.stderr, flush=True)
+        else:
+            resume_state, path = found
+            print(f"resuming from {path} (epoch {resume_state['epoch']}, step {resume_state['step']})",
+                  file=out, flush=True)
+    # purge_step drops any event the interrupted run wrote after its checkpoint: no duplicate points
+    purge = resume_state["step"] if resume_state else None
+    logger = TensorBoardLogger(run_dir, purge_step=purge) if tensorboard else NullLogger()
     sink = MetricsSink(logger, out=out, progress=progress)
+    if resume_state:
+        sink.history = list(resume_state.get("history", []))
     print(f"run {name}: {cfg.run.strategy} {cfg.model.name} on {data.name} "
           f"({len(data.y_train)} train / {len(data.y_test)} test), logs in {run_dir}", file=out, flush=True)
     try:
-        result = strategy(RunContext(cfg, data, data_ref, sink, run_dir))
+        result = strategy(RunContext(cfg, data, data_ref, sink, run_dir, checkpoints, resume_state))
     finally:
         sink.logger.flush()
     summary = {

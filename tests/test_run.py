@@ -64,7 +64,7 @@ def test_event_files_hold_every_tag_with_the_expected_points(short_run):
     assert "_hparams_/session_start_info" in plugins
 
 
-def test_a_finished_run_name_is_not_overwritten(short_run, capsys):
+def test_an_existing_run_name_is_not_overwritten(short_run, capsys):
     run_dir, _ = short_run
     assert main(["--run-name", "short", "--storage", str(run_dir.parent)]) == 2
-    assert "already holds a finished run" in capsys.readouterr().err
+    assert "already holds a run" in capsys.readouterr().err

@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from ray_train.checkpoint import CheckpointStore
 from ray_train.config import TrainConfig
 from ray_train.data import Dataset
 from ray_train.metrics import MetricsSink
@@ -19,6 +20,10 @@ class RunContext:
     data_ref: Any  # the dataset's object-store reference, put once by the driver
     sink: MetricsSink
     run_dir: str
+    checkpoints: CheckpointStore | None = None
+    resume_state: dict | None = None
+    """The last checkpoint when resuming (``--resume``), else None. It holds at least epoch
+    (epochs completed), step (TensorBoard step reached) and history; strategies add their own."""
 
     def save_model(self, state: dict) -> str:
         import torch
