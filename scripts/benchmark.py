@@ -1,0 +1,286 @@
+"""Benchmark (``make bench``): samples/s of the same job run by
+
+  (a) a plain single-process PyTorch loop, 1 thread (batch 64) and 2 threads (batch 128),
+  (b) this project's sync SGD with 1 and with 2 replicas (batch 64 per replica),
+  (c) Ray Train's TorchTrainer with 2 workers (DDP over gloo, batch 64 per worker),
+
+all on Nielsen's net B and MNIST-5k with plain SGD, 300 timed steps after a warm-up, in one run.
+Each system runs in a fresh subprocess, so its whole-run wall time (interpreter, imports, Ray
+start-up, data) is measured too. The async and ensemble sections come from scripts/bench_async.py
+and scripts/bench_ensemble.py when present.
+
+Prints one JSON document on stdout and writes a PNG bar chart (``--out``, default bench/).
+Compare ratios within one run only: the machines are shared and noisy.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+MODEL, LR = "net_b", 0.05
+
+
+# -- the cases, each run in its own subprocess ------------------------------------------------
+def _mnist5k():
+    from ray_train.config import DataConfig
+    from ray_train.data import load_dataset
+
+    return load_dataset(DataConfig(dataset="mnist5k"))
+
+
+def case_plain(threads: int, batch: int, steps: int, warmup: int) -> dict:
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    from models import build_model
+    from ray_train.data import to_tensor
+
+    torch.set_num_threads(threads)
+    data = _mnist5k()
+    torch.manual_seed(0)
+    model = build_model(MODEL)
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    rng = np.random.default_rng(0)
+
+    def batches():
+        while True:
+            perm = rng.permutation(len(data.y_train))
+            for s in range(0, len(perm) - batch + 1, batch):
+                yield perm[s : s + batch]
+
+    it = batches()
+
+    def step():
+        idx = next(it)
+        x, y = to_tensor(data.x_train[idx]), torch.from_numpy(data.y_train[idx])
+        opt.zero_grad(set_to_none=False)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    for _ in range(warmup):
+        step()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    elapsed = time.perf_counter() - t0
+    return {"samples_per_s": steps * batch / elapsed, "timed_s": elapsed}
+
+
+def case_ours(replicas: int, batch: int, steps: int, warmup: int) -> dict:
+    import ray
+
+    from ray_train.cluster import init_ray
+    from ray_train.config import build_config
+    from ray_train.group import ReplicaGroup
+
+    init_ray(num_cpus=2)
+    cfg = build_config({}, {"run": {"batch_size": batch, "log_every": 10},
+                            "model": {"name": MODEL}, "optim": {"optimizer": "sgd", "lr": LR},
+                            "resources": {"replicas": replicas, "cpus_per_replica": 1}})
+    data_ref = ray.put(_mnist5k())
+    group = ReplicaGroup.create(cfg, data_ref)
+    try:
+        state = {"epoch": 0, "left": 0}
+
+        def run(n: int) -> None:
+            """n steps, queued as the strategy queues them: chunks of log_every, one ray.get each."""
+            while n > 0:
+                if state["left"] == 0:
+                    state["left"] = ray.get([a.set_epoch.remote(state["epoch"], LR) for a in group.actors])[0]
+                    state["epoch"] += 1
+                take = min(n, state["left"])
+                refs = [[a.train_steps.remote(min(10, take - s)) for a in group.actors] for s in range(0, take, 10)]
+                for r in refs:
+                    ray.get(r)
+                n, state["left"] = n - take, state["left"] - take
+
+        run(warmup)
+        t0 = time.perf_counter()
+        run(steps)
+        elapsed = time.perf_counter() - t0
+    finally:
+        comm = group.comm
+        group.shutdown()
+    return {"samples_per_s": steps * batch * replicas / elapsed, "timed_s": elapsed, "allreduce": comm}
+
+
+def _raytrain_loop(config: dict) -> None:
+    """Ray Train's worker function: DDP (gloo) over the same model, data and SGD."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+    import ray.train
+    import ray.train.torch
+
+    from models import build_model
+    from ray_train.data import to_tensor
+
+    torch.set_num_threads(1)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    data = _mnist5k()
+    torch.manual_seed(0)
+    model = ray.train.torch.prepare_model(build_model(MODEL))
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    batch, rng = config["batch"], np.random.default_rng(rank)
+    shard = np.arange(rank, len(data.y_train), world)
+
+    def step():
+        idx = rng.choice(shard, batch, replace=False)
+        x, y = to_tensor(data.x_train[idx]), torch.from_numpy(data.y_train[idx])
+        opt.zero_grad(set_to_none=False)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    for _ in range(config["warmup"]):
+        step()
+    t0 = time.perf_counter()
+    for _ in range(config["steps"]):
+        step()
+    elapsed = time.perf_counter() - t0
+    if rank == 0:  # Ray Train v2 keeps reported metrics only with checkpoints: hand them over in a file
+        with open(config["out"], "w") as fh:
+            json.dump({"samples_per_s": config["steps"] * batch * world / elapsed, "timed_s": elapsed}, fh)
+
+
+def case_raytrain(workers: int, batch: int, steps: int, warmup: int) -> dict:
+    import tempfile
+
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from ray_train.cluster import init_ray
+
+    init_ray(num_cpus=2)
+    storage = tempfile.mkdtemp(prefix="raytrain-bench-")
+    out = os.path.join(storage, "figures.json")
+    trainer = TorchTrainer(
+        _raytrain_loop, train_loop_config={"batch": batch, "steps": steps, "warmup": warmup, "out": out},
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=False, resources_per_worker={"CPU": 1}),
+        run_config=RunConfig(storage_path=storage, name="bench"))
+    trainer.fit()
+    with open(out) as fh:
+        return json.load(fh)
+
+
+CASES = {"plain": case_plain, "ours": case_ours, "raytrain": case_raytrain}
+
+
+# -- the driver ---------------------------------------------------------------------------------
+def run_case(name: str, width: int, batch: int, steps: int, warmup: int) -> dict:
+    """One case in a fresh interpreter: its figures plus the whole run's wall time."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--case", name, "--width", str(width),
+           "--batch", str(batch), "--steps", str(steps), "--warmup", str(warmup)]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "RAY_ADDRESS": ""})
+    wall = time.perf_counter() - t0
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        sys.stderr.write(proc.stderr[-3000:])
+        raise SystemExit(f"benchmark case {name} (width {width}) failed with status {proc.returncode}")
+    return {**json.loads(lines[-1]), "wall_s": wall}
+
+
+def core(steps: int, warmup: int) -> dict:
+    plan = [("plain_1thread", "plain", 1, 64), ("plain_2threads", "plain", 2, 128),
+            ("sync_1replica", "ours", 1, 64), ("sync_2replicas", "ours", 2, 64),
+            ("raytrain_2workers", "raytrain", 2, 64)]
+    results = {}
+    for label, case, width, batch in plan:
+        print(f"[bench] {label} ...", file=sys.stderr, flush=True)
+        results[label] = run_case(case, width, batch, steps, warmup)
+        print(f"[bench] {label}: {results[label]['samples_per_s']:,.0f} samples/s, "
+              f"{results[label]['wall_s']:.1f} s wall", file=sys.stderr, flush=True)
+    r = {k: v["samples_per_s"] for k, v in results.items()}
+    ratios = {
+        "sync2_vs_2x_plain1": r["sync_2replicas"] / (2 * r["plain_1thread"]),
+        "sync2_vs_raytrain": r["sync_2replicas"] / r["raytrain_2workers"],
+        "sync1_vs_plain1": r["sync_1replica"] / r["plain_1thread"],
+        "sync2_wall_vs_raytrain_wall": results["sync_2replicas"]["wall_s"] / results["raytrain_2workers"]["wall_s"],
+    }
+    return {"results": results, "ratios": ratios}
+
+
+def extras(names: list[str], steps: int, warmup: int) -> dict:
+    """The async and ensemble sections, in this process on one local Ray cluster."""
+    out = {}
+    for name in names:
+        path = os.path.join(ROOT, "scripts", f"bench_{name}.py")
+        if not os.path.exists(path):
+            continue
+        import importlib.util
+
+        from ray_train.cluster import init_ray
+
+        init_ray(num_cpus=2)
+        spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        print(f"[bench] {name} ...", file=sys.stderr, flush=True)
+        out[name] = module.bench(steps=steps, warmup=warmup) if name == "async" else module.bench()
+    return out
+
+
+def chart(report: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    res = report["core"]["results"]
+    labels = list(res)
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    a.bar(labels, [res[k]["samples_per_s"] for k in labels], color="tab:blue")
+    a.set_title("throughput, net B, batch 64 per worker (samples/s)")
+    b.bar(labels, [res[k]["wall_s"] for k in labels], color="tab:orange")
+    b.set_title(f"whole-run wall time, {report['steps']} steps (s)")
+    for ax in (a, b):
+        ax.tick_params(axis="x", rotation=30)
+        for lab in ax.get_xticklabels():
+            lab.set_ha("right")
+    fig.suptitle(f"ray-train benchmark {report['date']} on {report['machine']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=300, help="timed steps per system (default 300)")
+    p.add_argument("--warmup", type=int, default=10, help="untimed warm-up steps (default 10)")
+    p.add_argument("--only", nargs="+", default=["core", "async", "ensemble"],
+                   choices=["core", "async", "ensemble"], help="sections to run (default all)")
+    p.add_argument("--out", default="bench", help="folder for benchmark.json and benchmark.png")
+    p.add_argument("--case", choices=list(CASES), help=argparse.SUPPRESS)
+    p.add_argument("--width", type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument("--batch", type=int, default=64, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.case:  # a subprocess of the driver below
+        print(json.dumps(CASES[args.case](args.width, args.batch, args.steps, args.warmup)), flush=True)
+        return
+    report = {"date": dt.date.today().isoformat(), "machine": f"{os.cpu_count()} CPU cores, {platform.machine()}, "
+              f"{platform.system()}", "command": "python " + " ".join(sys.argv), "steps": args.steps,
+              "warmup": args.warmup, "model": MODEL}
+    if "core" in args.only:
+        report["core"] = core(args.steps, args.warmup)
+    report.update(extras([n for n in ("async", "ensemble") if n in args.only], args.steps, args.warmup))
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "benchmark.json"), "w") as fh:
+        json.dump(report, fh, indent=2)
+    if "core" in report:
+        chart(report, os.path.join(args.out, "benchmark.png"))
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
