@@ -11,7 +11,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if [[ -z "${RAY_ADDRESS:-}" ]]; then
+# `ray job submit` prefers RAY_API_SERVER_ADDRESS over RAY_ADDRESS when both are set
+address="${RAY_API_SERVER_ADDRESS:-${RAY_ADDRESS:-}}"
+if [[ -z "$address" ]]; then
     echo "submit.sh: error: RAY_ADDRESS is not set; point it at the cluster's dashboard, e.g." \
          "RAY_ADDRESS=http://127.0.0.1:8265 (see cluster/README.md)" >&2
     exit 2
@@ -45,7 +47,7 @@ job_id="${RAY_TRAIN_JOB_ID:-ray-train-$(date +%Y%m%d-%H%M%S)-$$}"
     --working-dir . --runtime-env cluster/runtime_env.yaml -- python scripts/train.py "$@"
 
 echo "job id: $job_id"
-echo "follow its logs:  RAY_ADDRESS=$RAY_ADDRESS ray job logs -f $job_id"
+echo "follow its logs:  RAY_ADDRESS=$address ray job logs -f $job_id"
 echo "status / stop:    ray job status $job_id / ray job stop $job_id"
 echo "TensorBoard:      tensorboard --logdir ${storage:-<storage>} --port 6006   (on a machine that sees that path;"
 echo "                  on a ray-up cluster: ray exec cluster/aws.yaml 'tensorboard --logdir ${storage:-<storage>} --port 6006' --port-forward 6006)"

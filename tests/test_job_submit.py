@@ -181,3 +181,12 @@ def test_default_job_under_ray_job_submit(ray_head):
     assert {"train/loss", "test/accuracy", "throughput/samples_per_s"} <= tags, tags
     assert len(acc.Scalars("train/loss")) >= 2
     assert acc.Scalars("test/accuracy")[-1].value == pytest.approx(summary["test_accuracy"], abs=1e-6)
+
+
+def test_submit_without_an_address_is_a_one_line_error():
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
+    out = subprocess.run(["bash", "scripts/submit.sh", "--epochs", "1"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert out.stderr.count("\n") == 1 and out.stderr.startswith("submit.sh: error: RAY_ADDRESS is not set")
+    assert out.stdout == ""
