@@ -27,11 +27,16 @@ class CheckpointError(UserError):
 
 def _atomic_write(path: str, write) -> None:
     tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as fh:
-        write(fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # a failed or interrupted write leaves the previous file and no debris
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def save_atomic(path: str, obj: Any) -> str:
