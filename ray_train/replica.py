@@ -150,6 +150,23 @@ class Replica:
         return {"model": {k: v.cpu() for k, v in self.model.state_dict().items()},
                 "optimizer": self.opt.state_dict()}
 
+    def rng_state(self) -> dict[str, torch.Tensor]:
+        """This process's torch RNG states (dropout masks): a checkpoint needs one per replica."""
+        rng = {"cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return rng
+
+    def load_state(self, state: dict, rng: dict[str, torch.Tensor] | None = None) -> None:
+        """Restore what ``state`` and ``rng_state`` returned (a checkpoint). Parameters are copied
+        in place, so the gradients stay views into the flat buffer that is averaged."""
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        if rng is not None:
+            torch.set_rng_state(rng["cpu"])
+            if "cuda" in rng and self.device.type == "cuda":
+                torch.cuda.set_rng_state(rng["cuda"], self.device)
+
 
 def replica_actor(cls=Replica, *, num_cpus: float, num_gpus: float, pg=None, bundle: int | None = None,
                   max_restarts: int = 0):
