@@ -51,8 +51,9 @@ def execute(cfg: TrainConfig, tensorboard: bool = True, progress: bool = True, o
             resume_state, path = found
             print(f"resuming from {path} (epoch {resume_state['epoch']}, step {resume_state['step']})",
                   file=out, flush=True)
-    # purge_step drops any event the interrupted run wrote after its checkpoint: no duplicate points
-    purge = resume_state["step"] if resume_state else None
+    # purge_step drops any event the interrupted run wrote after its checkpoint: no duplicate points.
+    # TensorBoard purges steps >= purge_step; the checkpointed epoch's own points sit at "step".
+    purge = resume_state["step"] + 1 if resume_state else None
     logger = TensorBoardLogger(run_dir, purge_step=purge) if tensorboard else NullLogger()
     sink = MetricsSink(logger, out=out, progress=progress)
     if resume_state:
