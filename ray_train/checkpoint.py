@@ -76,9 +76,12 @@ class CheckpointStore:
         names = sorted(n for n in os.listdir(self.dir) if _NAME.match(n))
         return [os.path.join(self.dir, n) for n in names]
 
+    def path(self, index: int) -> str:
+        return os.path.join(self.dir, f"ckpt-{index:06d}.pt")
+
     def save(self, index: int, state: dict) -> str:
         """Write checkpoint ``index`` (usually epochs completed) atomically, then prune."""
-        path = save_atomic(os.path.join(self.dir, f"ckpt-{index:06d}.pt"), state)
+        path = save_atomic(self.path(index), state)
         for old in self.paths()[: -self.keep]:
             os.remove(old)
         return path

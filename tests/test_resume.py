@@ -4,6 +4,7 @@ TensorBoard steps continue without duplicates; bad --resume folders are one-line
 import copy
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -152,3 +153,10 @@ def test_resume_of_another_strategys_run_is_a_one_line_error(capsys, tmp_path):
     (run_dir / "run.json").write_text(json.dumps({"strategy": "async", "config": {"run": {"strategy": "async"}}}))
     _one_line_error(capsys, ["--resume", str(run_dir), "--strategy", "sync"], "holds a 'async' run, not 'sync'")
     _one_line_error(capsys, ["--resume", str(run_dir), "--config", "configs/default.yaml"], "not 'sync'")
+
+
+def test_resume_with_another_model_names_the_checkpoint(runs, capsys, tmp_path):
+    run_dir = tmp_path / "resumed"
+    shutil.copytree(runs[1], run_dir)
+    _one_line_error(capsys, ["--resume", str(run_dir), "--model", "net_b", "--epochs", "5", "--no-progress"],
+                    f"checkpoint {run_dir / 'checkpoints' / 'ckpt-000004.pt'} does not fit")

@@ -40,7 +40,7 @@ def train(ctx: RunContext, replica_cls=Replica) -> dict:
     from ray.exceptions import RayActorError
 
     cfg = ctx.cfg
-    found = (ctx.resume_state, "--resume") if ctx.resume_state else None
+    found = (ctx.resume_state, ctx.checkpoints.path(ctx.resume_state["epoch"])) if ctx.resume_state else None
     group, schedule, progress = start(ctx, replica_cls, found)
     failures: list[dict] = []
     evaluation = None
@@ -125,7 +125,7 @@ def start(ctx: RunContext, replica_cls, found: tuple[dict, str] | None):
         group.load_state(state)
     except RayTaskError as exc:
         group.shutdown()
-        cause = str(exc.cause or exc).strip().splitlines()[0]
+        cause = " ".join(str(exc.cause or exc).split())[:240]
         raise CheckpointError(f"checkpoint {path} does not fit this run's model.name/optim.optimizer "
                               f"({ctx.cfg.model.name}/{ctx.cfg.optim.optimizer}): {cause}") from None
     schedule.load_state_dict(state["schedule"])
