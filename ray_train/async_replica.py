@@ -1,0 +1,147 @@
+"""A Downpour replica: its own loop over its data shard, talking to the parameter shards directly
+(no global barrier, no driver round trip per step). Every n_fetch steps it pulls the current
+parameters from every shard; every n_push steps it pushes the mean gradient since its last push,
+one flat float32 slice per shard. It never applies an update itself: the shards own the model."""
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ray_train.cluster import ReplicaContext
+from ray_train.config import TrainConfig
+from ray_train.data import Dataset, shard_batches, steps_per_epoch, to_tensor
+from ray_train.replica import Replica
+
+SHARD_RETRIES = 20  # failed calls to one shard in a row before the replica gives up
+
+
+class ShardLost(RuntimeError):
+    """A shard stayed unreachable through every retry (its restarts are used up)."""
+
+
+class AsyncReplica(Replica):
+    def __init__(self, ctx: ReplicaContext, cfg: TrainConfig, data: Dataset, shards: list,
+                 bounds: list[tuple[int, int]], gate=None) -> None:
+        super().__init__(ctx, cfg, data)
+        self.shards, self.bounds, self.gate = shards, bounds, gate
+        self.n_fetch, self.n_push = cfg.async_.n_fetch, cfg.async_.n_push
+        # One flat buffer the parameters are views of: a fetch is one copy per shard.
+        self.flat = torch.cat([p.detach().reshape(-1) for p in self.params])
+        offset = 0
+        for p in self.params:
+            p.data = self.flat[offset : offset + p.numel()].view_as(p)
+            offset += p.numel()
+        self.acc = torch.zeros_like(self.grad)
+        self.versions = np.zeros(len(shards), dtype=np.int64)  # as last fetched, per shard
+        self.seen = np.zeros(len(shards), dtype=np.int64)  # highest version acknowledged, per shard
+        self.since_fetch = self.since_push = 0
+        self.pending: list = []  # push refs not yet acknowledged
+        self.shard_errors: list[int] = []
+        self.local_epoch = -1
+        self.spe = steps_per_epoch(len(data.y_train), ctx.world_size, cfg.run.batch_size)
+
+    def info(self) -> dict:
+        return {**super().info(), "rank": self.ctx.rank}
+
+    # -- the loop ------------------------------------------------------------------------------
+    def run(self, start: int, n: int) -> dict:
+        """Steps ``start .. start+n-1`` of this rank's own sequence of batches. The driver passes
+        ``start``, so a restarted replica resumes its data order where the lost one stopped."""
+        loss_sum = torch.zeros(())
+        correct = torch.zeros((), dtype=torch.int64)
+        step_ms = np.empty(n, dtype=np.float32)
+        pushes = 0
+        for i, s in enumerate(range(start, start + n)):
+            t0 = time.perf_counter()
+            epoch, pos = divmod(s, self.spe)
+            if epoch != self.local_epoch:
+                self.batches = shard_batches(len(self.data.y_train), self.ctx.world_size, self.ctx.rank,
+                                             self.cfg.run.batch_size, self.cfg.run.seed, epoch)
+                self.local_epoch = epoch
+            if self.since_fetch == 0:
+                self.fetch()
+            loss, hits = self.gradient(self.batches[pos])
+            loss_sum += loss
+            correct += hits
+            self.acc += self.grad
+            self.since_fetch = (self.since_fetch + 1) % self.n_fetch
+            self.since_push += 1
+            if self.since_push == self.n_push:
+                self.push()
+                pushes += 1
+            step_ms[i] = (time.perf_counter() - t0) * 1e3
+        # Acknowledged pushes only: when the driver sees this chunk, its updates are on the shards.
+        self.settle()
+        errors, self.shard_errors = self.shard_errors, []
+        return {"loss_sum": float(loss_sum) * self.cfg.run.batch_size, "correct": int(correct),
+                "samples": n * self.cfg.run.batch_size, "step_ms": step_ms, "rank": self.ctx.rank,
+                "pushes": pushes, "versions": self.seen.copy(), "shard_errors": errors, "pid": os.getpid()}
+
+    def gradient(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        x = to_tensor(self.data.x_train[idx])
+        y = torch.from_numpy(self.data.y_train[idx])
+        out = self.model(x)
+        loss = F.cross_entropy(out, y)
+        self.grad.zero_()
+        loss.backward()
+        return loss.detach(), (out.argmax(1) == y).sum()
+
+    # -- talking to the shards ---------------------------------------------------------------------
+    def fetch(self) -> None:
+        # Ask every shard first, then read: the shards answer in parallel.
+        replies = [self._pull(sh) for sh in self.shards]
+        flat = self.flat.numpy()
+        for k, ((lo, hi), reply) in enumerate(zip(self.bounds, replies)):
+            version, values = self._retry(k, reply)
+            np.copyto(flat[lo:hi], values)
+            self.versions[k] = version
+            self.seen[k] = max(self.seen[k], version)
+
+    def push(self) -> None:
+        import ray
+
+        self.acc.div_(self.since_push)
+        if self.gate is not None:
+            ray.get(self.gate.admit.remote(self.ctx.rank))  # waits on the gate's condition
+        self.settle()
+        mean = self.acc.numpy()
+        # Ray serialises the arguments at submission, so acc can be reused at once.
+        self.pending = [(k, sh.push.remote(mean[lo:hi], int(self.versions[k]), self.ctx.rank))
+                        for k, (sh, (lo, hi)) in enumerate(zip(self.shards, self.bounds))]
+        self.acc.zero_()
+        self.since_push = 0
+
+    def settle(self) -> None:
+        """Wait for the last pushes; a push lost with a dead shard is dropped (Downpour tolerates
+        a lost gradient) and the shard is re-fetched once it is back."""
+        import ray
+
+        for k, ref in self.pending:
+            try:
+                self.seen[k] = max(self.seen[k], ray.get(ref))
+            except ray.exceptions.RayError:
+                self.shard_errors.append(k)
+                self.since_fetch = 0  # the restored shard's parameters differ: fetch before the next step
+        self.pending = []
+
+    @staticmethod
+    def _pull(shard):
+        # A pull is idempotent: Ray resubmits it until a restarting shard is back.
+        return shard.pull_ref.options(max_task_retries=-1).remote()
+
+    def _retry(self, k: int, ref):
+        import ray
+
+        for _ in range(SHARD_RETRIES):
+            try:
+                version, (inner,) = ray.get(ref)
+                return version, ray.get(inner)
+            except ray.exceptions.RayError:
+                # The shard died (and its object with it) between our pull and our read.
+                self.shard_errors.append(k)
+                ref = self._pull(self.shards[k])
+        raise ShardLost(f"parameter shard {k} unreachable after {SHARD_RETRIES} attempts")
