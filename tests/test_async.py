@@ -157,6 +157,19 @@ def test_a_killed_shard_is_restored_from_its_snapshot(ray_cluster, tmp_path, mon
     assert summary["test_accuracy"] > 0.7  # training went on from the restored parameters
 
 
+def test_resume_continues_from_the_checkpoint(ray_cluster, tmp_path):
+    one = {"replicas": 1, "cpus_per_replica": 0.5}
+    first = _execute(_cfg(tmp_path, "resumed", resources=one, epochs=1))
+    cfg = build_config({**_cfg(tmp_path, "resumed", resources=one).to_dict()},
+                       {"run": {"epochs": 2, "resume": str(tmp_path / "resumed")}})
+    second = _execute(cfg)
+    assert [h["epoch"] for h in second["history"]] == [1, 2]
+    assert second["history"][0]["test_accuracy"] == first["test_accuracy"]
+    assert second["steps"] == second["updates"] == 2 * (4000 // 64)  # the shards' versions came back too
+    assert second["train_samples"] == 2 * first["train_samples"]
+    assert second["test_accuracy"] > first["test_accuracy"]
+
+
 # -- bad input -------------------------------------------------------------------------------------
 BAD = [
     (["--n-fetch", "0"], "async.n_fetch"),

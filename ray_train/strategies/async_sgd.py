@@ -182,7 +182,7 @@ class _Run:
         print(f"async SGD (Downpour): {cfg.resources.replicas} replicas, {cfg.async_.ps_shards} parameter shards, "
               f"fetch every {cfg.async_.n_fetch}, push every {cfg.async_.n_push} steps"
               + (f", warm start {cfg.async_.warm_start_steps} steps on replica 0" if warm else ""), flush=True)
-        t0 = self.window_t = time.perf_counter()
+        t0 = self.t0 = self.window_t = time.perf_counter()
         self._new_window()
         stop, evaluation = None, None
         while self.done < self.total and stop is None:
@@ -373,7 +373,7 @@ class _Run:
                 "shards": ray.get([retried(s.state).remote() for s in self.downpour.shards]),
                 "rank_done": list(self.rank_done), "schedule": self.schedule.state_dict(),
                 "failures": list(self.failures), "restarts": self.restarts,
-                "train_s": self.train_s + time.perf_counter() - self.window_t, "samples": self.samples}
+                "train_s": self.train_s + time.perf_counter() - self.t0, "samples": self.samples}
 
     def _finish(self, evaluation) -> dict:
         import ray
