@@ -349,8 +349,8 @@ class _Run:
         updates = float(np.mean([s["count"] for s in stats]))
         sink.scalar("ps/updates_per_s", (updates - self.updates0) / max(elapsed, 1e-9), step)
         self.updates0 = updates
-        for r, n in sorted(self.window["steps"].items()):
-            sink.scalar(f"throughput/steps_per_s/replica_{r}", n / max(elapsed, 1e-9), step)
+        for r in range(cfg.resources.replicas):  # 0 for a replica that was down or not yet started
+            sink.scalar(f"throughput/steps_per_s/replica_{r}", self.window["steps"].get(r, 0) / max(elapsed, 1e-9), step)
         sink.end_epoch(epoch_record(e, self.lr, self.window, elapsed, evaluation), step)
         self.epoch += 1
         lr = self.schedule.lr(self.epoch)
