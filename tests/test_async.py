@@ -21,7 +21,11 @@ from ray_train.replica import Replica
 from ray_train.run import execute
 from ray_train.strategies import async_sgd
 
-EPOCHS, MODEL, OPT, LR, BOUND = 3, "net_d", "adagrad", 0.01, 2
+# 10 epochs, not fewer: the accuracies compared below must sit where the curve has flattened.
+# Measured (2026-11-24, 2 cores): nine undisturbed runs of this config ended at 95.3-96.5% (sd
+# 0.45 points) and sync at 95.9%; after 3 epochs they spread over 91.1-93.2%, too wide for a
+# 1.5-point comparison between two runs. Actor start-up dominates: 10 epochs cost ~12 s more.
+EPOCHS, MODEL, OPT, LR, BOUND = 10, "net_d", "adagrad", 0.01, 2
 FOUR = {"replicas": 4, "cpus_per_replica": 0.35}
 
 
