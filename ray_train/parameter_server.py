@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ray_train.checkpoint import load_checked, save_atomic
+from ray_train.cluster import tune_malloc
 from ray_train.config import OptimConfig
 from ray_train.optim import build_optimizer, set_lr
 
@@ -49,6 +50,7 @@ class ParameterShard:
     def __init__(self, index: int, init, optim: OptimConfig, decay: list[tuple[int, int]] | None = None,
                  staleness_lr: bool = False, snapshot_path: str | None = None,
                  snapshot_every_s: float = 10.0, state: dict | None = None) -> None:
+        tune_malloc()
         torch.set_num_threads(1)  # a shard is reserved a fraction of a CPU
         self.index, self.staleness_lr = index, staleness_lr
         self.weight_decay = optim.weight_decay
@@ -100,6 +102,12 @@ class ParameterShard:
             self.snapshot()
         return self.version
 
+    def push_pull(self, grad: np.ndarray, fetched_version: int, rank: int = -1) -> tuple[int, list]:
+        """``push``, then ``pull_ref`` of the parameters it produced: one call instead of two when
+        a replica's next step starts with a fetch (with n_fetch = n_push = 1, every step)."""
+        self.push(grad, fetched_version, rank)
+        return self.pull_ref()
+
     def pull(self) -> tuple[int, np.ndarray]:
         return self.version, self.param.detach().numpy().copy()
 
@@ -109,7 +117,8 @@ class ParameterShard:
         import ray
 
         if self._ref_version != self.version:
-            self._ref, self._ref_version = ray.put(self.param.detach().numpy().copy()), self.version
+            # ray.put copies into the object store at once: no copy of our own first
+            self._ref, self._ref_version = ray.put(self.param.detach().numpy()), self.version
         return self.version, [self._ref]
 
     # -- driver side ------------------------------------------------------------------------------

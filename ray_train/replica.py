@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from models import build_model
-from ray_train.cluster import ReplicaContext, free_port, node_address
+from ray_train.cluster import ReplicaContext, free_port, node_address, tune_malloc
 from ray_train.comm import DistAllreduce, SharedMemoryAllreduce, flatten_grads
 from ray_train.config import TrainConfig
 from ray_train.data import Dataset, eval_shard, shard_batches, to_tensor
@@ -31,6 +31,7 @@ def pick_device(ctx: ReplicaContext) -> torch.device:
 class Replica:
     def __init__(self, ctx: ReplicaContext, cfg: TrainConfig, data: Dataset) -> None:
         self.ctx, self.cfg, self.data = ctx, cfg, data
+        tune_malloc()
         torch.set_num_threads(max(1, int(ctx.num_cpus)))
         self.device = pick_device(ctx)
         torch.manual_seed(ctx.seed)  # identical initial parameters on every replica of a group
