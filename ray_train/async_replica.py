@@ -39,7 +39,8 @@ class AsyncReplica(Replica):
         self.versions = np.zeros(len(shards), dtype=np.int64)  # as last fetched, per shard
         self.seen = np.zeros(len(shards), dtype=np.int64)  # highest version acknowledged, per shard
         self.since_fetch = self.since_push = 0
-        self.pending: list = []  # push refs not yet acknowledged
+        self.pending: list = []  # (shard, push ref, whether it returns parameters) not yet acknowledged
+        self.prefetched: dict = {}  # shard -> (version, [ref]) a push_pull returned, for the next fetch
         self.shard_errors: list[int] = []
         self.local_epoch = -1
         self.spe = steps_per_epoch(len(data.y_train), ctx.world_size, cfg.run.batch_size)
@@ -92,8 +93,10 @@ class AsyncReplica(Replica):
 
     # -- talking to the shards ---------------------------------------------------------------------
     def fetch(self) -> None:
-        # Ask every shard first, then read: the shards answer in parallel.
-        replies = [self._pull(sh) for sh in self.shards]
+        # The parameters a push_pull just returned, else a pull; ask every shard first, then
+        # read: the shards answer in parallel.
+        self.settle()
+        replies = [self.prefetched.pop(k, None) or self._pull(sh) for k, sh in enumerate(self.shards)]
         flat = self.flat.numpy()
         for k, ((lo, hi), reply) in enumerate(zip(self.bounds, replies)):
             version, values = self._retry(k, reply)
@@ -109,8 +112,13 @@ class AsyncReplica(Replica):
             ray.get(self.gate.admit.remote(self.ctx.rank))  # waits on the gate's condition
         self.settle()
         mean = self.acc.numpy()
+        # The next step starts with a fetch: have the push return the parameters it produced
+        # (one call per shard, not a push and then a pull). With one replica these are exactly
+        # what a pull would return: a caller's calls run in order on a shard.
+        pull = self.since_fetch == 0
+        verb = "push_pull" if pull else "push"
         # Ray serialises the arguments at submission, so acc can be reused at once.
-        self.pending = [(k, sh.push.remote(mean[lo:hi], int(self.versions[k]), self.ctx.rank))
+        self.pending = [(k, getattr(sh, verb).remote(mean[lo:hi], int(self.versions[k]), self.ctx.rank), pull)
                         for k, (sh, (lo, hi)) in enumerate(zip(self.shards, self.bounds))]
         self.acc.zero_()
         self.since_push = 0
@@ -120,12 +128,17 @@ class AsyncReplica(Replica):
         a lost gradient) and the shard is re-fetched once it is back."""
         import ray
 
-        for k, ref in self.pending:
+        for k, ref, pull in self.pending:
             try:
-                self.seen[k] = max(self.seen[k], ray.get(ref))
+                reply = ray.get(ref)
             except ray.exceptions.RayError:
                 self.shard_errors.append(k)
                 self.since_fetch = 0  # the restored shard's parameters differ: fetch before the next step
+                continue
+            if pull:
+                self.prefetched[k] = reply
+                reply = reply[0]
+            self.seen[k] = max(self.seen[k], reply)
         self.pending = []
 
     @staticmethod
@@ -138,7 +151,8 @@ class AsyncReplica(Replica):
 
         for _ in range(SHARD_RETRIES):
             try:
-                version, (inner,) = ray.get(ref)
+                # ref: a pull in flight, or the (version, [ref]) reply a push_pull already gave
+                version, (inner,) = ref if isinstance(ref, tuple) else ray.get(ref)
                 return version, ray.get(inner)
             except ray.exceptions.RayError:
                 # The shard died (and its object with it) between our pull and our read.
