@@ -52,6 +52,7 @@ FLAGS: list[tuple[str, str, str, type, str]] = [
     ("--staleness-lr", "async", "staleness_lr", bool, "async: scale each update by 1/max(1, staleness)"),
     ("--warm-start-steps", "async", "warm_start_steps", int, "async: steps one replica trains alone first (default 0)"),
     ("--snapshot-every", "async", "snapshot_every_s", float, "async: seconds between shard snapshots (default 10)"),
+    ("--ps-cpus", "async", "ps_cpus", float, "async: CPUs reserved per parameter shard (default 0)"),
     # ensembles
     ("--members", "ensemble", "members", int, "ensemble: K members, seeds seed..seed+K-1 (default 5)"),
     ("--replicas-per-member", "ensemble", "replicas_per_member", int, "ensemble: each member a sync group of R replicas (default 1)"),

@@ -222,8 +222,10 @@ class AsyncConfig:
     """One replica trains alone for this many steps before the others start (DistBelief)."""
     snapshot_every_s: float = 10.0
     """Seconds between each shard's atomic snapshot of its slice, optimizer state and version."""
-    ps_cpus: float = 0.25
-    """CPUs Ray reserves per parameter shard."""
+    ps_cpus: float = 0.0
+    """CPUs Ray reserves per parameter shard. 0 by default, like the driver: the replicas take the
+    CPUs and the shards, which only apply updates, run beside them, so ``--strategy async`` fits
+    wherever the same replicas fit; reserve some on a cluster with CPUs to spare."""
 
     def __post_init__(self) -> None:
         for name in ("ps_shards", "n_fetch", "n_push", "warm_start_steps"):
