@@ -1,7 +1,8 @@
 """Async (Downpour) section of the benchmark, measured in one Ray session:
 
   (a) samples/s of async SGD vs sync SGD, 2 replicas x 1 CPU, net B, batch 64, plain SGD, same
-      number of timed steps after a warm-up (async: fetch and push every step, 1 shard);
+      number of timed steps after a warm-up (async: 1 shard, fetch and push every n = 1, 4 and
+      16 steps);
   (b) ps/updates_per_s a parameter server sustains on net H (1.67M parameters, AdaGrad as in
       DistBelief) with 1, 2 and 4 shards: full-model gradient pushes applied per second, the
       gradient put in the object store once and pushed back to back, so the shards are the
@@ -21,6 +22,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 MODEL, LR, BATCH, CHUNK = "net_b", 0.05, 64, 10
+INTERVALS = (1, 4, 16)  # n_fetch = n_push = n
 
 
 def _cfg(replicas: int, **asyncs):
@@ -115,16 +117,14 @@ def bench(steps: int = 300, warmup: int = 20) -> dict:
 
     data_ref = ray.put(load_dataset(DataConfig(dataset="mnist5k")))
     sync = _sync(data_ref, steps, warmup)
-    a1 = _async(data_ref, steps, warmup)
-    a4 = _async(data_ref, steps, warmup, n_fetch=4, n_push=4)
+    every = {n: _async(data_ref, steps, warmup, n_fetch=n, n_push=n) for n in INTERVALS}
     capacity = {f"{k}_shards": _ps_capacity(k, steps) for k in (1, 2, 4)}
     return {
-        "throughput": {"model": MODEL, "batch": BATCH, "replicas": 2, "steps": steps,
-                       "sync_samples_per_s": sync, "async_samples_per_s": a1["samples_per_s"],
-                       "async_vs_sync": a1["samples_per_s"] / sync,
-                       "async_fetch4_push4_samples_per_s": a4["samples_per_s"],
-                       "async_fetch4_push4_vs_sync": a4["samples_per_s"] / sync,
-                       "async_ps_updates_per_s": a1["updates_per_s"]},
+        "throughput": {"model": MODEL, "batch": BATCH, "replicas": 2, "steps": steps, "ps_shards": 1,
+                       "sync_samples_per_s": sync,
+                       **{f"async_n{n}_samples_per_s": a["samples_per_s"] for n, a in every.items()},
+                       **{f"async_n{n}_vs_sync": a["samples_per_s"] / sync for n, a in every.items()},
+                       **{f"async_n{n}_ps_updates_per_s": a["updates_per_s"] for n, a in every.items()}},
         "ps_updates_per_s": {"model": "net_h", "parameters": 1672570, "optimizer": "adagrad",
                              "pushes": steps, **capacity},
     }

@@ -1,12 +1,14 @@
 """Benchmark (``make bench``): samples/s of the same job run by
 
-  (a) a plain single-process PyTorch loop, 1 thread (batch 64) and 2 threads (batch 128),
+  (a) a plain single-process PyTorch loop, 1 thread (batch 64) and 2 threads (batch 128), and
+      two 1-thread loops side by side (what two cores give two workers that never communicate),
   (b) this project's sync SGD with 1 and with 2 replicas (batch 64 per replica),
   (c) Ray Train's TorchTrainer with 2 workers (DDP over gloo, batch 64 per worker),
 
 all on Nielsen's net B and MNIST-5k with plain SGD, 300 timed steps after a warm-up, in one run.
 Each system runs in a fresh subprocess, so its whole-run wall time (interpreter, imports, Ray
-start-up, data) is measured too. The async and ensemble sections come from scripts/bench_async.py
+start-up, data) is measured too. Every case runs once per round, ``--repeat`` rounds (default 3):
+the report gives each case's median and the ratios per round. The async and ensemble sections come from scripts/bench_async.py
 and scripts/bench_ensemble.py when present.
 
 Prints one JSON document on stdout and writes a PNG bar chart (``--out``, default bench/).
@@ -19,6 +21,7 @@ import datetime as dt
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -43,8 +46,13 @@ def case_plain(threads: int, batch: int, steps: int, warmup: int) -> dict:
     import torch.nn.functional as F
 
     from models import build_model
+    from ray_train.cluster import tune_malloc
     from ray_train.data import to_tensor
 
+    # The same allocator settings as this project's replicas, so that the ratios against this
+    # baseline measure distribution alone (untuned, this loop page-faults its buffers back in
+    # every step: ray_train.cluster.tune_malloc). Ray Train's workers run as Ray Train runs them.
+    tune_malloc()
     torch.set_num_threads(threads)
     data = _mnist5k()
     torch.manual_seed(0)
@@ -177,38 +185,76 @@ CASES = {"plain": case_plain, "ours": case_ours, "raytrain": case_raytrain}
 
 
 # -- the driver ---------------------------------------------------------------------------------
-def run_case(name: str, width: int, batch: int, steps: int, warmup: int) -> dict:
-    """One case in a fresh interpreter: its figures plus the whole run's wall time."""
-    cmd = [sys.executable, os.path.abspath(__file__), "--case", name, "--width", str(width),
-           "--batch", str(batch), "--steps", str(steps), "--warmup", str(warmup)]
+def _command(name: str, width: int, batch: int, steps: int, warmup: int) -> list[str]:
+    return [sys.executable, os.path.abspath(__file__), "--case", name, "--width", str(width),
+            "--batch", str(batch), "--steps", str(steps), "--warmup", str(warmup)]
+
+
+def run_case(name: str, width: int, batch: int, steps: int, warmup: int, copies: int = 1) -> dict:
+    """One case in a fresh interpreter (``copies`` of it side by side): its figures plus the
+    whole run's wall time. With copies > 1 the samples/s add up and the wall is the longest."""
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "RAY_ADDRESS": ""})
+    procs = [subprocess.Popen(_command(name, width, batch, steps, warmup), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, cwd=ROOT, env={**os.environ, "RAY_ADDRESS": ""})
+             for _ in range(copies)]
+    outs = [p.communicate() for p in procs]
     wall = time.perf_counter() - t0
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        sys.stderr.write(proc.stderr[-3000:])
-        raise SystemExit(f"benchmark case {name} (width {width}) failed with status {proc.returncode}")
-    return {**json.loads(lines[-1]), "wall_s": wall}
+    figures = []
+    for proc, (stdout, stderr) in zip(procs, outs):
+        lines = [ln for ln in stdout.splitlines() if ln.startswith("{")]
+        if proc.returncode != 0 or not lines:
+            sys.stderr.write(stderr[-3000:])
+            raise SystemExit(f"benchmark case {name} (width {width}) failed with status {proc.returncode}")
+        figures.append(json.loads(lines[-1]))
+    out = {**figures[0], "wall_s": wall}
+    if copies > 1:
+        out["samples_per_s"] = sum(f["samples_per_s"] for f in figures)
+        out["copies"] = [f["samples_per_s"] for f in figures]
+    return out
 
 
-def core(steps: int, warmup: int) -> dict:
-    plan = [("plain_1thread", "plain", 1, 64), ("plain_2threads", "plain", 2, 128),
-            ("sync_1replica", "ours", 1, 64), ("sync_2replicas", "ours", 2, 64),
-            ("raytrain_2workers", "raytrain", 2, 64)]
-    results = {}
-    for label, case, width, batch in plan:
-        print(f"[bench] {label} ...", file=sys.stderr, flush=True)
-        results[label] = run_case(case, width, batch, steps, warmup)
-        print(f"[bench] {label}: {results[label]['samples_per_s']:,.0f} samples/s, "
-              f"{results[label]['wall_s']:.1f} s wall", file=sys.stderr, flush=True)
-    r = {k: v["samples_per_s"] for k, v in results.items()}
-    ratios = {
+# label -> (case, width, batch, side-by-side copies)
+PLAN = {
+    "plain_1thread": ("plain", 1, 64, 1),
+    # two independent 1-thread loops at once: what two cores give two workers that never talk
+    "plain_1thread_x2": ("plain", 1, 64, 2),
+    "plain_2threads": ("plain", 2, 128, 1),
+    "sync_1replica": ("ours", 1, 64, 1),
+    "sync_2replicas": ("ours", 2, 64, 1),
+    "raytrain_2workers": ("raytrain", 2, 64, 1),
+}
+
+
+def core_ratios(r: dict, wall: dict) -> dict:
+    """The issue's targets as ratios of samples/s (r) and whole-run wall seconds (wall)."""
+    return {
         "sync2_vs_2x_plain1": r["sync_2replicas"] / (2 * r["plain_1thread"]),
+        "sync2_vs_plain1_x2": r["sync_2replicas"] / r["plain_1thread_x2"],
+        "plain1_x2_vs_2x_plain1": r["plain_1thread_x2"] / (2 * r["plain_1thread"]),
         "sync2_vs_raytrain": r["sync_2replicas"] / r["raytrain_2workers"],
         "sync1_vs_plain1": r["sync_1replica"] / r["plain_1thread"],
-        "sync2_wall_vs_raytrain_wall": results["sync_2replicas"]["wall_s"] / results["raytrain_2workers"]["wall_s"],
+        "sync2_wall_vs_raytrain_wall": wall["sync_2replicas"] / wall["raytrain_2workers"],
     }
-    return {"results": results, "ratios": ratios}
+
+
+def core(steps: int, warmup: int, repeat: int) -> dict:
+    """Every case once per round, ``repeat`` rounds; the figures are each case's median, and the
+    ratios are also given per round (cases of one round ran minutes apart at most)."""
+    rounds: list[dict] = []
+    for k in range(repeat):
+        results = {}
+        for label, (case, width, batch, copies) in PLAN.items():
+            print(f"[bench] round {k + 1}/{repeat} {label} ...", file=sys.stderr, flush=True)
+            results[label] = run_case(case, width, batch, steps, warmup, copies)
+            print(f"[bench] round {k + 1}/{repeat} {label}: {results[label]['samples_per_s']:,.0f} samples/s, "
+                  f"{results[label]['wall_s']:.1f} s wall", file=sys.stderr, flush=True)
+        rounds.append(results)
+    median = {label: {key: statistics.median(r[label][key] for r in rounds) for key in ("samples_per_s", "wall_s")}
+              for label in PLAN}
+    per_round = [core_ratios({k: v["samples_per_s"] for k, v in r.items()}, {k: v["wall_s"] for k, v in r.items()})
+                 for r in rounds]
+    ratios = core_ratios({k: v["samples_per_s"] for k, v in median.items()}, {k: v["wall_s"] for k, v in median.items()})
+    return {"results": median, "ratios": ratios, "rounds": rounds, "ratios_per_round": per_round}
 
 
 def extras(names: list[str], steps: int, warmup: int) -> dict:
@@ -258,6 +304,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=300, help="timed steps per system (default 300)")
     p.add_argument("--warmup", type=int, default=10, help="untimed warm-up steps (default 10)")
+    p.add_argument("--repeat", type=int, default=3, help="rounds of the core cases; medians reported (default 3)")
     p.add_argument("--only", nargs="+", default=["core", "async", "ensemble"],
                    choices=["core", "async", "ensemble"], help="sections to run (default all)")
     p.add_argument("--out", default="bench", help="folder for benchmark.json and benchmark.png")
@@ -270,9 +317,9 @@ def main() -> None:
         return
     report = {"date": dt.date.today().isoformat(), "machine": f"{os.cpu_count()} CPU cores, {platform.machine()}, "
               f"{platform.system()}", "command": "python " + " ".join(sys.argv), "steps": args.steps,
-              "warmup": args.warmup, "model": MODEL}
+              "warmup": args.warmup, "repeat": args.repeat, "model": MODEL}
     if "core" in args.only:
-        report["core"] = core(args.steps, args.warmup)
+        report["core"] = core(args.steps, args.warmup, args.repeat)
     report.update(extras([n for n in ("async", "ensemble") if n in args.only], args.steps, args.warmup))
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "benchmark.json"), "w") as fh:
