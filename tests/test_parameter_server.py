@@ -127,3 +127,16 @@ def test_gate_holds_a_replica_more_than_s_pushes_ahead():
 
     stats = asyncio.run(scenario())
     assert stats["lead_max"] == 1 and stats["admitted"] == 5
+
+
+def test_push_pull_returns_what_a_pull_after_the_push_would(ray_cluster):
+    init, grads = _sequence(3)
+    shard = ParameterShard(0, init, OptimConfig(optimizer="momentum", lr=0.05, momentum=0.9))
+    twin = ParameterShard(0, init, OptimConfig(optimizer="momentum", lr=0.05, momentum=0.9))
+    for g in grads[:3]:
+        version, (ref,) = shard.push_pull(g, shard.version)
+        twin.push(g, twin.version)
+        want_version, want = twin.pull()
+        assert version == want_version
+        np.testing.assert_array_equal(ray_cluster.get(ref), want)
+    assert not np.array_equal(want, init)
