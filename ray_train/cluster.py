@@ -52,15 +52,49 @@ def tune_malloc() -> bool:
     return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))
 
 
-def init_ray(num_cpus: int | None = None) -> None:
+def init_ray(num_cpus: int | None = None, preload: tuple[str, ...] = ()) -> None:
     """Join the cluster named by RAY_ADDRESS (as under ``ray job submit``), else start a local one.
 
     A local cluster runs without the dashboard: on a 2-core machine its processes take CPU
-    from the replicas (PERF-NOTES.md)."""
+    from the replicas (PERF-NOTES.md). ``preload`` names modules (torch and what imports it) to
+    import in a background thread meanwhile: ray.init spends most of its seconds waiting for the
+    processes it starts, and the driver's imports fill that time (about 1 s sooner to the first
+    step on the development VM)."""
     import ray
 
     if ray.is_initialized():
         return
+    importing_meanwhile(preload, lambda: _start_or_join(num_cpus))
+
+
+def importing_meanwhile(modules: tuple[str, ...], work) -> None:
+    """Run ``work()`` while a background thread imports ``modules``; an import error is raised
+    here, after ``work`` is done."""
+    import importlib
+    import threading
+
+    failed: list[BaseException] = []
+
+    def load() -> None:
+        try:
+            for name in modules:
+                importlib.import_module(name)
+        except BaseException as exc:
+            failed.append(exc)
+
+    loader = threading.Thread(target=load, name="preload", daemon=True)
+    loader.start()
+    try:
+        work()
+    finally:
+        loader.join()
+    if failed:
+        raise failed[0]
+
+
+def _start_or_join(num_cpus: int | None) -> None:
+    import ray
+
     if os.environ.get("RAY_ADDRESS"):
         ray.init(runtime_env={"env_vars": {"PYTHONPATH": _project_pythonpath()}}, log_to_driver=True)
         return

@@ -29,13 +29,16 @@ def execute(cfg: TrainConfig, tensorboard: bool = True, progress: bool = True, o
     out = out or sys.stdout
 
     from ray_train.cluster import check_resources, init_ray
+    from ray_train.strategies import MODULES, get_strategy
+
+    t_start = time.perf_counter()
+    # torch and the strategy's modules load while Ray starts its processes
+    init_ray(preload=("ray_train.data", f"ray_train.strategies.{MODULES[cfg.run.strategy]}"))
+    strategy = get_strategy(cfg.run.strategy)
+
     from ray_train.data import load_dataset
-    from ray_train.strategies import get_strategy
     from ray_train.strategies.base import RunContext
 
-    strategy = get_strategy(cfg.run.strategy)
-    t_start = time.perf_counter()
-    init_ray()
     check_resources(cfg.resources)
     data = load_dataset(cfg.data, seed=cfg.run.seed)
     name = cfg.run_name

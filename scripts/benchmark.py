@@ -88,10 +88,12 @@ def case_ours(replicas: int, batch: int, steps: int, warmup: int) -> dict:
     import ray
 
     from ray_train.cluster import init_ray
+
+    init_ray(num_cpus=2, preload=("ray_train.group", "ray_train.data"))  # as the CLI does
+
     from ray_train.config import build_config
     from ray_train.group import ReplicaGroup
 
-    init_ray(num_cpus=2)
     cfg = build_config({}, {"run": {"batch_size": batch, "log_every": 10},
                             "model": {"name": MODEL}, "optim": {"optimizer": "sgd", "lr": LR},
                             "resources": {"replicas": replicas, "cpus_per_replica": 1}})

@@ -53,3 +53,14 @@ def test_tuned_allocator_keeps_step_buffers_mapped():
     assert tuned["faults_per_step"] < 20, tuned
     untuned = _probe(False)
     assert untuned["faults_per_step"] > 10 * max(tuned["faults_per_step"], 1), (tuned, untuned)
+
+
+def test_importing_meanwhile_runs_the_work_and_raises_import_errors_after_it():
+    from ray_train.cluster import importing_meanwhile
+
+    done = []
+    importing_meanwhile(("json", "csv"), lambda: done.append(1))
+    assert done == [1] and "csv" in sys.modules
+    with pytest.raises(ModuleNotFoundError, match="no_such_module_here"):
+        importing_meanwhile(("json", "no_such_module_here"), lambda: done.append(2))
+    assert done == [1, 2]  # the work ran to the end first
