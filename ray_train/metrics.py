@@ -105,12 +105,15 @@ class MetricsSink:
     """Tags (README lists them): train/loss, train/accuracy, lr, test/loss, test/accuracy,
     throughput/samples_per_s, time/step_ms/replica_<k>, weights/<name>, test/confusion_matrix."""
 
-    def __init__(self, logger: Logger | None = None, out=None, progress: bool = True) -> None:
+    def __init__(self, logger: Logger | None = None, out=None, progress: bool = True,
+                 skip_logged: dict[str, int] | None = None) -> None:
         self.logger = logger or NullLogger()
         self.out = out or sys.stdout
         self.progress = progress
         self.bar = None
         self.history: list[dict[str, Any]] = []
+        # tag -> last step already in the run's event files: scalar() leaves those points alone
+        self.skip_logged = dict(skip_logged or {})
 
     # -- live progress -----------------------------------------------------------------------
     def start_epoch(self, epoch: int, epochs: int, steps: int) -> None:
@@ -122,10 +125,10 @@ class MetricsSink:
 
     def train_chunk(self, step: int, steps_done: int, loss: float, accuracy: float,
                     step_ms: dict[int, float]) -> None:
-        self.logger.scalar("train/loss", loss, step)
-        self.logger.scalar("train/accuracy", accuracy, step)
+        self.scalar("train/loss", loss, step)
+        self.scalar("train/accuracy", accuracy, step)
         for rank, ms in step_ms.items():
-            self.logger.scalar(f"time/step_ms/replica_{rank}", ms, step)
+            self.scalar(f"time/step_ms/replica_{rank}", ms, step)
         if self.bar is not None:
             self.bar.update(steps_done)
             self.bar.set_postfix(loss=f"{loss:.3f}", acc=f"{accuracy:.3f}")
@@ -139,7 +142,7 @@ class MetricsSink:
         for key, tag in (("lr", "lr"), ("samples_per_s", "throughput/samples_per_s"),
                          ("test_loss", "test/loss"), ("test_accuracy", "test/accuracy")):
             if record.get(key) is not None:
-                self.logger.scalar(tag, record[key], step)
+                self.scalar(tag, record[key], step)
         test = ""
         if record.get("test_accuracy") is not None:
             test = f"  test loss {record['test_loss']:.4f} acc {record['test_accuracy']:.4f}"
@@ -149,7 +152,8 @@ class MetricsSink:
 
     # -- any other tag (async: ps/*, ensemble: member_k/*, ensemble/*) -----------------------
     def scalar(self, tag: str, value: float, step: int) -> None:
-        self.logger.scalar(tag, value, step)
+        if step > self.skip_logged.get(tag, -1):
+            self.logger.scalar(tag, value, step)
 
     def histogram(self, tag: str, values, step: int) -> None:
         self.logger.histogram(tag, values, step)
@@ -170,6 +174,17 @@ class MetricsSink:
         self.logger.hparams(hparams, metrics)
         self.logger.flush()
         self.logger.close()
+
+
+def logged_steps(log_dir: str) -> dict[str, int]:
+    """The last step of every scalar tag already in ``log_dir``'s event files."""
+    if not os.path.isdir(log_dir):
+        return {}
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(log_dir, size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: max(e.step for e in acc.Scalars(tag)) for tag in acc.Tags()["scalars"] if acc.Scalars(tag)}
 
 
 def write_json(path: str, payload: dict) -> None:

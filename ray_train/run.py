@@ -8,7 +8,7 @@ import time
 
 from ray_train.checkpoint import RUN_FILE, CheckpointStore, write_run_file
 from ray_train.config import TrainConfig, UserError
-from ray_train.metrics import MetricsSink, NullLogger, TensorBoardLogger, write_json
+from ray_train.metrics import MetricsSink, NullLogger, TensorBoardLogger, logged_steps, write_json
 
 
 def make_run_dir(cfg: TrainConfig, name: str) -> str:
@@ -29,7 +29,7 @@ def execute(cfg: TrainConfig, tensorboard: bool = True, progress: bool = True, o
     out = out or sys.stdout
 
     from ray_train.cluster import check_resources, init_ray
-    from ray_train.strategies import MODULES, get_strategy
+    from ray_train.strategies import CHECKPOINTS, MODULES, get_strategy
 
     t_start = time.perf_counter()
     # torch and the strategy's modules load while Ray starts its processes
@@ -45,8 +45,13 @@ def execute(cfg: TrainConfig, tensorboard: bool = True, progress: bool = True, o
     run_dir = make_run_dir(cfg, name)
     data_ref = ray.put(data)
     checkpoints = CheckpointStore(run_dir, keep=cfg.run.keep_checkpoints)
-    resume_state = None
-    if cfg.run.resume:
+    resume_state, skip_logged = None, {}
+    if cfg.run.resume and CHECKPOINTS[cfg.run.strategy] == "members":
+        # Members resume from their own checkpoints, each at its own step: no single purge step
+        # fits them all, so the points the interrupted run wrote are kept and not written again
+        # (a resumed member repeats them exactly).
+        skip_logged = logged_steps(run_dir)
+    elif cfg.run.resume:
         found = checkpoints.load_latest()
         if found is None:
             print(f"warning: {run_dir} has no readable checkpoint; starting from scratch", file=sys.stderr, flush=True)
@@ -58,7 +63,7 @@ def execute(cfg: TrainConfig, tensorboard: bool = True, progress: bool = True, o
     # TensorBoard purges steps >= purge_step; the checkpointed epoch's own points sit at "step".
     purge = resume_state["step"] + 1 if resume_state else None
     logger = TensorBoardLogger(run_dir, purge_step=purge) if tensorboard else NullLogger()
-    sink = MetricsSink(logger, out=out, progress=progress)
+    sink = MetricsSink(logger, out=out, progress=progress, skip_logged=skip_logged)
     if resume_state:
         sink.history = list(resume_state.get("history", []))
     print(f"run {name}: {cfg.run.strategy} {cfg.model.name} on {data.name} "

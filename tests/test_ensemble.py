@@ -4,6 +4,7 @@ evaluate.py round trip; queueing, restart from a checkpoint and a member left ou
 bad input through the CLI."""
 import json
 import os
+import shutil
 import sys
 
 import numpy as np
@@ -208,6 +209,42 @@ def test_a_member_that_cannot_be_restarted_is_left_out_with_a_warning(failure_ru
     assert s["vote_errors"] == s["members"][0]["test_errors"]
     info = json.loads((run_dir / "ensemble.json").read_text())
     assert [m["status"] for m in info["members"]] == ["ok", "ok", "failed"]
+
+
+# -- --resume: members continue from their own checkpoints -------------------------------------------
+def test_resume_after_an_interruption_equals_the_uninterrupted_run(ray_cluster, tmp_path, capsys):
+    """An uninterrupted 2-epoch run, and a copy of it turned into an interrupted one: member 1's
+    epoch-2 checkpoint and weights gone, as if the process stopped after logging epoch 2 but before
+    checkpointing it. ``--resume`` retrains member 1's second epoch only: the same numbers, and no
+    TensorBoard point written twice."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    argv = ["--strategy", "ensemble", "--members", "2", "--model", "mlp30", "--epochs", "2", "--lr", "0.1",
+            "--cpus-per-replica", "0.5", "--log-every", "20", "--storage", str(tmp_path), "--no-progress"]
+    assert main([*argv, "--run-name", "straight"]) == 0
+    straight = json.loads((tmp_path / "straight" / "summary.json").read_text())
+    cut = tmp_path / "cut"
+    shutil.copytree(tmp_path / "straight", cut)
+    (cut / "summary.json").unlink()
+    (cut / "members" / "member_1" / "checkpoints" / "ckpt-000002.pt").unlink()
+    (cut / "members" / "member_1" / "model.pt").unlink()
+    capsys.readouterr()
+    assert main(["--resume", str(cut), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "member 1: resuming from" in out and "(epoch 1)" in out and "(epoch 2)" in out
+    assert "member 1 epoch   2" in out and "member 0 epoch" not in out  # member 0 had finished
+    assert "starting from scratch" not in out
+    resumed = json.loads((cut / "summary.json").read_text())
+    for a, b in zip(straight["members"], resumed["members"]):
+        assert (a["test_errors"], a["epochs"], a["train_samples"]) == (b["test_errors"], b["epochs"], b["train_samples"])
+        assert a["test_loss"] == pytest.approx(b["test_loss"], rel=1e-6)
+    assert resumed["vote_errors"] == straight["vote_errors"]
+    acc = EventAccumulator(str(cut), size_guidance={"scalars": 0})
+    acc.Reload()
+    for tag in ("member_1/train/loss", "member_1/test/accuracy", "member_0/train/loss", "ensemble/vote_errors"):
+        steps = [e.step for e in acc.Scalars(tag)]
+        assert len(steps) == len(set(steps)), (tag, steps)  # nothing written twice
+        assert steps == [e.step for e in EventAccumulator(str(tmp_path / "straight")).Reload().Scalars(tag)], tag
 
 
 # -- bad input: one line, exit 2 --------------------------------------------------------------------

@@ -6,6 +6,9 @@ import importlib
 from ray_train.config import UserError
 
 MODULES = {"sync": "sync_sgd", "async": "async_sgd", "ensemble": "ensemble"}
+# Where --resume finds a strategy's checkpoints: the run's own (runs/<name>/checkpoints/, read by
+# run.execute), or each member's (runs/<name>/members/member_<k>/, read by the strategy itself).
+CHECKPOINTS = {"sync": "run", "async": "run", "ensemble": "members"}
 
 
 def get_strategy(name: str):

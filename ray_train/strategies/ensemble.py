@@ -128,6 +128,9 @@ def run_member(ctx: RunContext, spec: MemberSpec, abort: threading.Event) -> Mem
     k, limit = spec.index, cfg.run.max_failures
     store = CheckpointStore(member_dir(ctx.run_dir, k), keep=cfg.run.keep_checkpoints)
     found = store.load_latest() if ctx.cfg.run.resume else None
+    if ctx.cfg.run.resume:
+        where = f"{found[1]} (epoch {found[0]['epoch']})" if found else "scratch: it has no checkpoint"
+        print(f"member {k}: resuming from {where}", file=ctx.sink.out, flush=True)
     result = MemberResult(spec, ok=False)
     while True:
         group = None
