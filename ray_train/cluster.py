@@ -37,10 +37,11 @@ def tune_malloc() -> bool:
 
     A training step allocates and frees the same few-MB activation and gradient buffers over and
     over. glibc serves blocks above its mmap threshold (128 KB until the process happens to free
-    a larger one) with fresh mmaps, and trims the heap top past its trim threshold, so every step
-    page-faults its buffers back in: measured on net B, batch 64, 1,473 minor faults per step and
-    3,551 samples/s, against 86 faults and 4,403 samples/s with both thresholds raised. Replicas
-    and parameter shards call this first thing. A no-op (False) where libc is not glibc."""
+    a larger one) with fresh mmaps, and trims the heap top past its trim threshold, so depending
+    on the allocation history every step may page-fault its buffers back in: net B, batch 64,
+    showed anywhere from 0 to 1,700 minor faults per step untuned (1,068 faults and 3,833
+    samples/s against 0 and 4,544 in one side-by-side pair), and 0-30 with both thresholds raised.
+    Replicas and parameter shards call this first thing. A no-op (False) where libc is not glibc."""
     import ctypes
     import ctypes.util
 
