@@ -9,11 +9,10 @@ import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ray_train.cluster import ReplicaContext
 from ray_train.config import TrainConfig
-from ray_train.data import Dataset, shard_batches, steps_per_epoch, to_tensor
+from ray_train.data import Dataset, shard_batches, steps_per_epoch
 from ray_train.replica import Replica
 
 SHARD_RETRIES = 20  # failed calls to one shard in a row before the replica gives up
@@ -65,7 +64,7 @@ class AsyncReplica(Replica):
                 self.local_epoch = epoch
             if self.since_fetch == 0:
                 self.fetch()
-            loss, hits = self.gradient(self.batches[pos])
+            loss, hits = self.gradients(*self.batch(self.batches[pos]))
             loss_sum += loss
             correct += hits
             self.acc += self.grad
@@ -81,15 +80,6 @@ class AsyncReplica(Replica):
         return {"loss_sum": float(loss_sum) * self.cfg.run.batch_size, "correct": int(correct),
                 "samples": n * self.cfg.run.batch_size, "step_ms": step_ms, "rank": self.ctx.rank,
                 "pushes": pushes, "versions": self.seen.copy(), "shard_errors": errors, "pid": os.getpid()}
-
-    def gradient(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        x = to_tensor(self.data.x_train[idx])
-        y = torch.from_numpy(self.data.y_train[idx])
-        out = self.model(x)
-        loss = F.cross_entropy(out, y)
-        self.grad.zero_()
-        loss.backward()
-        return loss.detach(), (out.argmax(1) == y).sum()
 
     # -- talking to the shards ---------------------------------------------------------------------
     def fetch(self) -> None:

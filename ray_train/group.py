@@ -85,8 +85,6 @@ class ReplicaGroup:
         return totals
 
     def evaluate(self, y_test: np.ndarray) -> EvalResult:
-        import ray
-
         parts = sorted(self.get([a.evaluate.remote() for a in self.actors]), key=lambda p: p["start"])
         preds = np.concatenate([p["preds"] for p in parts])
         n = len(y_test)

@@ -184,7 +184,8 @@ def logged_steps(log_dir: str) -> dict[str, int]:
 
     acc = EventAccumulator(log_dir, size_guidance={"scalars": 0})
     acc.Reload()
-    return {tag: max(e.step for e in acc.Scalars(tag)) for tag in acc.Tags()["scalars"] if acc.Scalars(tag)}
+    events = {tag: acc.Scalars(tag) for tag in acc.Tags()["scalars"]}
+    return {tag: max(e.step for e in points) for tag, points in events.items() if points}
 
 
 def write_json(path: str, payload: dict) -> None:

@@ -112,15 +112,25 @@ class Replica:
                 "samples": samples, "step_ms": step_ms[: len(todo)], "rank": self.ctx.rank}
 
     def step(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """One synchronous step on training examples ``idx``: loss and correct count."""
+        loss, hits = self.gradients(*self.batch(idx))
+        if self.comm is not None:
+            self.comm.mean_(self.grad)
+        self.opt.step()
+        return loss, hits
+
+    def batch(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training examples ``idx`` as (images, labels) on this replica's device."""
         x = to_tensor(self.data.x_train[idx]).to(self.device, non_blocking=True)
         y = torch.from_numpy(self.data.y_train[idx]).to(self.device, non_blocking=True)
+        return x, y
+
+    def gradients(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This batch's gradient into ``self.grad``; returns the loss and the correct count."""
         out = self.model(x)
         loss = F.cross_entropy(out, y)
         self.grad.zero_()  # not opt.zero_grad(): the grads must stay views into self.grad
         loss.backward()
-        if self.comm is not None:
-            self.comm.mean_(self.grad)
-        self.opt.step()
         return loss.detach(), (out.argmax(1) == y).sum()
 
     # -- evaluation and state ----------------------------------------------------------------

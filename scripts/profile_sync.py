@@ -23,11 +23,8 @@ PHASES = ("data", "forward_backward", "write", "barrier", "average", "optimizer"
 
 def profiled_replica():
     import numpy as np
-    import torch
-    import torch.nn.functional as F
 
     from ray_train.comm import SharedMemoryAllreduce
-    from ray_train.data import to_tensor
     from ray_train.replica import Replica
 
     class ProfiledReplica(Replica):
@@ -37,25 +34,17 @@ def profiled_replica():
 
         def step(self, idx):
             t = [time.perf_counter()]
-            x, y = to_tensor(self.data.x_train[idx]), torch.from_numpy(self.data.y_train[idx])
+            x, y = self.batch(idx)
             t.append(time.perf_counter())
-            out = self.model(x)
-            loss = F.cross_entropy(out, y)
-            self.grad.zero_()
-            loss.backward()
+            loss, hits = self.gradients(x, y)
             t.append(time.perf_counter())
             comm = self.comm
             if isinstance(comm, SharedMemoryAllreduce):  # mean_() in its three parts
-                half = comm.slots[comm.step % 2]
-                half[comm.rank].copy_(self.grad)
-                comm.step += 1
+                half = comm.write(self.grad)
                 t.append(time.perf_counter())
                 comm.barrier()
                 t.append(time.perf_counter())
-                torch.add(half[0], half[1], out=self.grad)
-                for r in range(2, comm.world_size):
-                    self.grad.add_(half[r])
-                self.grad.div_(comm.world_size)
+                comm.reduce(half, self.grad)
             elif comm is not None:  # a torch.distributed allreduce: one phase, counted as the wait
                 t.append(time.perf_counter())
                 comm.mean_(self.grad)
@@ -68,7 +57,7 @@ def profiled_replica():
             for name, a, b in zip(PHASES, t, t[1:]):
                 self.times[name].append((b - a) * 1e3)
             self.times["step"].append((t[-1] - t[0]) * 1e3)
-            return loss.detach(), (out.argmax(1) == y).sum()
+            return loss, hits
 
         def profile(self, skip: int) -> dict:
             return {p: (float(np.mean(v[skip:])), float(np.percentile(v[skip:], 90))) for p, v in self.times.items()}

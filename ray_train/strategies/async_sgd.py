@@ -257,8 +257,6 @@ class _Run:
     def _replica_failed(self, rank: int, exc: Exception) -> None:
         """Forget the dead replica's queued chunks, hand their steps to the others, and wait (on
         an object ref, in the main ray.wait) for Ray to restart it."""
-        import ray
-
         for ref in [ref for ref, v in self.inflight.items() if v[0] == rank]:
             del self.inflight[ref]
         self.to_issue += self.rank_next[rank] - self.rank_done[rank]

@@ -22,7 +22,6 @@ import numpy as np
 
 from ray_train.checkpoint import CheckpointStore, save_atomic
 from ray_train.config import ConfigError, TrainConfig, UserError
-from ray_train.data import steps_per_epoch
 from ray_train.ensemble_member import EnsembleMember
 from ray_train.group import ReplicaGroup
 from ray_train.metrics import write_json
