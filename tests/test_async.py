@@ -115,7 +115,6 @@ def test_tensorboard_holds_the_ps_tags(runs):
     storage, _, _ = runs
     acc = EventAccumulator(str(storage / "async"), size_guidance={"scalars": 0, "histograms": 0})
     acc.Reload()
-    scalars = acc.Tags()["scalars"]
     for tag in ("ps/staleness_mean", "ps/updates_per_s", "test/accuracy", "test/loss", "train/loss",
                 "train/accuracy", *(f"throughput/steps_per_s/replica_{r}" for r in range(4))):
         assert len(acc.Scalars(tag)) >= (EPOCHS if not tag.startswith("train/") else EPOCHS * 6), tag
