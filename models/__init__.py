@@ -1,4 +1,4 @@
 """Plain nn.Module definitions and a registry by name. Nothing here knows about distribution."""
-from models.registry import MODEL_NAMES, build_model
+from models.registry import MODEL_NAMES, ImportedFactory, RegistryFactory, build_model, import_factory
 
-__all__ = ["MODEL_NAMES", "build_model"]
+__all__ = ["MODEL_NAMES", "ImportedFactory", "RegistryFactory", "build_model", "import_factory"]

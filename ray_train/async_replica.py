@@ -23,10 +23,11 @@ class ShardLost(RuntimeError):
 
 
 class AsyncReplica(Replica):
-    def __init__(self, ctx: ReplicaContext, cfg: TrainConfig, data: Dataset, shards: list,
-                 bounds: list[tuple[int, int]], gate=None) -> None:
-        super().__init__(ctx, cfg, data)
-        self.shards, self.bounds, self.gate = shards, bounds, gate
+    """Built from small arguments only; the data and the shards arrive with ``setup``, which the
+    driver calls again after Ray restarts the actor (restarts must not depend on object refs)."""
+
+    def __init__(self, ctx: ReplicaContext, cfg: TrainConfig, model) -> None:
+        super().__init__(ctx, cfg, None, model)
         self.n_fetch, self.n_push = cfg.async_.n_fetch, cfg.async_.n_push
         # One flat buffer the parameters are views of: a fetch is one copy per shard.
         self.flat = torch.cat([p.detach().reshape(-1) for p in self.params])
@@ -35,14 +36,17 @@ class AsyncReplica(Replica):
             p.data = self.flat[offset : offset + p.numel()].view_as(p)
             offset += p.numel()
         self.acc = torch.zeros_like(self.grad)
-        self.versions = np.zeros(len(shards), dtype=np.int64)  # as last fetched, per shard
-        self.seen = np.zeros(len(shards), dtype=np.int64)  # highest version acknowledged, per shard
         self.since_fetch = self.since_push = 0
         self.pending: list = []  # (shard, push ref, whether it returns parameters) not yet acknowledged
         self.prefetched: dict = {}  # shard -> (version, [ref]) a push_pull returned, for the next fetch
         self.shard_errors: list[int] = []
         self.local_epoch = -1
-        self.spe = steps_per_epoch(len(data.y_train), ctx.world_size, cfg.run.batch_size)
+
+    def setup(self, data: Dataset, shards: list, bounds: list[tuple[int, int]], gate=None) -> None:
+        self.data, self.shards, self.bounds, self.gate = data, shards, bounds, gate
+        self.versions = np.zeros(len(shards), dtype=np.int64)  # as last fetched, per shard
+        self.seen = np.zeros(len(shards), dtype=np.int64)  # highest version acknowledged, per shard
+        self.spe = steps_per_epoch(len(data.y_train), self.ctx.world_size, self.cfg.run.batch_size)
 
     def info(self) -> dict:
         return {**super().info(), "rank": self.ctx.rank}

@@ -1,10 +1,10 @@
-"""Checkpoints of every strategy: atomic writes (temporary file, fsync, rename), the last N kept,
+"""Checkpoints of every engine: atomic writes (ray_train.files), the last N kept,
 loading with ``torch.load(weights_only=True)``, and a fallback to the previous checkpoint, with a
 warning that names the bad file, when the newest one is corrupt or truncated.
 
 A checkpoint is a dict of tensors, numbers, strings, lists and dicts (no numpy arrays, no
-pickled objects: weights_only refuses them). Every strategy stores at least ``epoch`` (epochs
-completed), ``step`` (the TensorBoard step reached) and ``history`` (the per-epoch records so far).
+pickled objects: weights_only refuses them). The run loop (ray_train/loop.py) writes its counters,
+schedule and history, and the engine's own state under ``engine``.
 """
 from __future__ import annotations
 
@@ -12,40 +12,19 @@ import json
 import os
 import re
 import sys
-from typing import Any
 
 from ray_train.config import UserError
+from ray_train.files import atomic_write, save_atomic
 
 CKPT_DIR = "checkpoints"
 RUN_FILE = "run.json"
-_NAME = re.compile(r"^ckpt-(\d{6})\.pt$")
+# ckpt-<epochs completed>.pt, or ckpt-<epochs completed>-step<steps into the next>.pt for a run
+# stopped mid-epoch (signal, time limit)
+_NAME = re.compile(r"^ckpt-(\d{6})(?:-step(\d{6}))?\.pt$")
 
 
 class CheckpointError(UserError):
     """A checkpoint file that cannot be read; the message names the file."""
-
-
-def _atomic_write(path: str, write) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        with open(tmp, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:  # a failed or interrupted write leaves the previous file and no debris
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def save_atomic(path: str, obj: Any) -> str:
-    """torch.save through a temporary file and a rename: a reader never sees half a file."""
-    import torch
-
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    _atomic_write(path, lambda fh: torch.save(obj, fh))
-    return path
 
 
 def load_checked(path: str) -> dict:
@@ -71,17 +50,21 @@ class CheckpointStore:
         self.warn = warn or (lambda msg: print(f"warning: {msg}", file=sys.stderr, flush=True))
 
     def paths(self) -> list[str]:
+        """Oldest first."""
         if not os.path.isdir(self.dir):
             return []
-        names = sorted(n for n in os.listdir(self.dir) if _NAME.match(n))
-        return [os.path.join(self.dir, n) for n in names]
+        found = [(m, n) for n in os.listdir(self.dir) if (m := _NAME.match(n))]
+        found.sort(key=lambda mn: (int(mn[0][1]), int(mn[0][2] or 0)))
+        return [os.path.join(self.dir, n) for _, n in found]
 
-    def path(self, index: int) -> str:
-        return os.path.join(self.dir, f"ckpt-{index:06d}.pt")
+    def path(self, epoch: int, in_epoch: int = 0) -> str:
+        name = f"ckpt-{epoch:06d}.pt" if not in_epoch else f"ckpt-{epoch:06d}-step{in_epoch:06d}.pt"
+        return os.path.join(self.dir, name)
 
-    def save(self, index: int, state: dict) -> str:
-        """Write checkpoint ``index`` (usually epochs completed) atomically, then prune."""
-        path = save_atomic(self.path(index), state)
+    def save(self, epoch: int, state: dict, in_epoch: int = 0) -> str:
+        """Write the checkpoint after ``epoch`` epochs (and ``in_epoch`` steps into the next)
+        atomically, then prune."""
+        path = save_atomic(self.path(epoch, in_epoch), state)
         for old in self.paths()[: -self.keep]:
             os.remove(old)
         return path
@@ -101,7 +84,7 @@ def write_run_file(run_dir: str, strategy: str, config: dict) -> None:
     """run.json: what ``--resume`` needs to know before any checkpoint exists."""
     path = os.path.join(run_dir, RUN_FILE)
     data = json.dumps({"strategy": strategy, "config": config}, indent=2).encode()
-    _atomic_write(path, lambda fh: fh.write(data))
+    atomic_write(path, lambda fh: fh.write(data))
 
 
 def read_run_file(run_dir: str) -> dict:

@@ -79,7 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             p.add_argument(flag, type=typ, default=None, help=help_)
     p.add_argument("--no-tensorboard", action="store_true", help="write no event files")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar (epoch lines only)")
+    bar = p.add_mutually_exclusive_group()
+    bar.add_argument("--progress", dest="progress", action="store_true", default=None,
+                     help="show progress bars even when stdout is not a terminal")
+    bar.add_argument("--no-progress", dest="progress", action="store_false",
+                     help="no progress bars (by default they show only on a terminal)")
     return p
 
 
@@ -116,16 +120,30 @@ def _resume_values(run_dir: str, values: dict, overrides: dict) -> dict:
     return merged
 
 
+# Exit statuses (README): 0 done, 1 replicas died too often, 2 user error, 3 diverged,
+# 130 interrupted (SIGINT), 143 terminated (SIGTERM).
 def main(argv: list[str] | None = None) -> int:
     try:
         cfg, args = parse_config(argv)
-        from ray_train.run import execute
+        from ray_train.api import fit
+        from ray_train.failure import ReplicaFailure
+        from ray_train.loop import Diverged, Interrupted
 
-        execute(cfg, tensorboard=not args.no_tensorboard, progress=not args.no_progress)
+        try:
+            fit(cfg, tensorboard=not args.no_tensorboard, progress=args.progress)
+        except Diverged as exc:
+            return _fail(f"diverged: {exc}", 3)
+        except Interrupted as exc:
+            return _fail(str(exc), 128 + exc.signum)
+        except ReplicaFailure as exc:
+            return _fail(f"error: {exc}", 1)
     except UserError as exc:
-        print(f"ray_train: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("ray_train: interrupted", file=sys.stderr)
-        return 130
+        return _fail(f"error: {exc}", 2)
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before the run started
+        return _fail("interrupted", 130)
     return 0
+
+
+def _fail(message: str, status: int) -> int:
+    print(f"ray_train: {message}", file=sys.stderr, flush=True)
+    return status

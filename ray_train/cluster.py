@@ -3,6 +3,7 @@ and setting up torch.distributed among replica actors the way Ray Train does (ra
 its address and a free port; every rank joins with a TCP init method)."""
 from __future__ import annotations
 
+import math
 import os
 import socket
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ class ResourceError(UserError):
 
 @dataclass(frozen=True)
 class ReplicaContext:
-    """Explicit per-replica context: no hidden globals (STYLE.md #7)."""
+    """Explicit per-replica context, passed to every replica: no hidden globals."""
 
     rank: int
     world_size: int
@@ -57,7 +58,7 @@ def init_ray(num_cpus: int | None = None, preload: tuple[str, ...] = ()) -> None
     """Join the cluster named by RAY_ADDRESS (as under ``ray job submit``), else start a local one.
 
     A local cluster runs without the dashboard: on a 2-core machine its processes take CPU
-    from the replicas (PERF-NOTES.md). ``preload`` names modules (torch and what imports it) to
+    from the replicas (README, Benchmarks). ``preload`` names modules (torch and what imports it) to
     import in a background thread meanwhile: ray.init spends most of its seconds waiting for the
     processes it starts, and the driver's imports fill that time (about 1 s sooner to the first
     step on the development VM)."""
@@ -123,21 +124,36 @@ def _project_pythonpath() -> str:
     return root if not extra else f"{root}{os.pathsep}{extra}"
 
 
-def check_resources(res: ResourcesConfig, count: int | None = None) -> None:
-    """Fail fast, naming what is asked and what the cluster has, instead of hanging on placement."""
+def check_resources(res: ResourcesConfig, count: int | None = None, shards: int = 0, shard_cpus: float = 0.0) -> None:
+    """Fail fast, naming what is asked and what the cluster has, instead of hanging on placement;
+    ``shards`` parameter-server shards of ``shard_cpus`` each come on top of the replicas."""
     import ray
 
     count = res.replicas if count is None else count
     total = ray.cluster_resources()
-    asks = {"CPU": count * res.cpus_per_replica, "GPU": count * res.gpus_per_replica}
+    extra = shards * shard_cpus
+    asks = {"CPU": count * res.cpus_per_replica + extra, "GPU": count * res.gpus_per_replica}
     for kind, asked in asks.items():
         have = total.get(kind, 0.0)
         if asked > have + 1e-9:
             per = res.cpus_per_replica if kind == "CPU" else res.gpus_per_replica
+            plus = f" + {shards} shards x {shard_cpus:g} CPU" if kind == "CPU" and extra else ""
             raise ResourceError(
-                f"resources: {count} replicas x {per:g} {kind} = {asked:g} {kind} asked, but the cluster "
+                f"resources: {count} replicas x {per:g} {kind}{plus} = {asked:g} {kind} asked, but the cluster "
                 f"has {have:g} {kind} in all; lower --replicas or --{kind.lower()}s-per-replica"
+                + (" or --ps-shards" if plus else "")
             )
+
+
+def concurrent_slots(res, count: int) -> int:
+    """How many member groups fit in the cluster at once (at least one: check_resources said so)."""
+    import ray
+
+    total = ray.cluster_resources()
+    fit = [math.floor(total.get("CPU", 0.0) / (res.replicas * res.cpus_per_replica) + 1e-9)]
+    if res.gpus_per_replica:
+        fit.append(math.floor(total.get("GPU", 0.0) / (res.replicas * res.gpus_per_replica) + 1e-9))
+    return max(1, min(count, *fit))
 
 
 def reserve(res: ResourcesConfig, count: int | None = None):
@@ -159,6 +175,24 @@ def reserve(res: ResourcesConfig, count: int | None = None):
             f"{PLACEMENT_TIMEOUT_S:.0f} s; available now: {ray.available_resources()}"
         )
     return pg
+
+
+def actor_class(cls, *, num_cpus: float, num_gpus: float = 0.0, pg=None, bundle: int | None = None,
+                max_restarts: int = 0, max_concurrency: int | None = None):
+    """The one factory that makes a plain class (Replica, ParameterShard, StalenessGate) a Ray actor
+    class with its resources, placement and restart policy; tests call the plain classes directly
+    or subclass them to inject faults. Restartable actors must get their large initial values by a method call, not as
+    constructor arguments: Ray would keep those in the object store for the restarts."""
+    import ray
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    options = {"num_cpus": num_cpus, "num_gpus": num_gpus, "max_restarts": max_restarts}
+    if max_concurrency is not None:
+        options["max_concurrency"] = max_concurrency
+    if pg is not None:
+        options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+            placement_group=pg, placement_group_bundle_index=bundle)
+    return ray.remote(cls).options(**options)
 
 
 def free_port() -> int:

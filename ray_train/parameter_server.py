@@ -2,7 +2,7 @@
 each held by a ParameterShard with its own server-side optimizer and version counter, plus the
 StalenessGate that makes a replica wait (on an asyncio condition) when it runs too far ahead.
 
-Both are plain classes; ``ps_actor`` is the one place they become Ray actors (STYLE.md #1), so
+Both are plain classes (``ray_train.cluster.actor_class`` makes them Ray actors), so
 tests/test_parameter_server.py drives a shard without Ray.
 """
 from __future__ import annotations
@@ -15,8 +15,9 @@ import time
 import numpy as np
 import torch
 
-from ray_train.checkpoint import load_checked, save_atomic
+from ray_train.checkpoint import load_checked
 from ray_train.cluster import tune_malloc
+from ray_train.files import save_atomic
 from ray_train.config import OptimConfig
 from ray_train.optim import build_optimizer, set_lr
 
@@ -45,16 +46,21 @@ class ParameterShard:
     """One slice of the master parameters. The optimizer is torch.optim's own, built by
     ``build_optimizer`` over a single flat Parameter, so momentum, AdaGrad and Adam on a shard
     are exactly what they are on a replica (tested); weight decay is added by hand through a
-    mask because a flat slice mixes weights and biases."""
+    mask because a flat slice mixes weights and biases.
+
+    ``init`` is the slice's initial values, or only its length: an actor gets its values by a
+    method call (``assign`` or ``load``), so that a restart by Ray does not depend on them (it
+    restores the shard's own snapshot instead)."""
 
     def __init__(self, index: int, init, optim: OptimConfig, decay: list[tuple[int, int]] | None = None,
                  staleness_lr: bool = False, snapshot_path: str | None = None,
-                 snapshot_every_s: float = 10.0, state: dict | None = None) -> None:
+                 snapshot_every_s: float = 10.0) -> None:
         tune_malloc()
         torch.set_num_threads(1)  # a shard is reserved a fraction of a CPU
         self.index, self.staleness_lr = index, staleness_lr
         self.weight_decay = optim.weight_decay
-        flat = torch.as_tensor(np.array(init, dtype=np.float32, copy=True)).reshape(-1)
+        values = np.zeros(init, dtype=np.float32) if isinstance(init, int) else init
+        flat = torch.as_tensor(np.array(values, dtype=np.float32, copy=True)).reshape(-1)
         self.param = torch.nn.Parameter(flat)
         self.param.grad = torch.zeros_like(flat)
         self.opt = build_optimizer([("slice", self.param)], dataclasses.replace(optim, weight_decay=0.0))
@@ -70,15 +76,19 @@ class ParameterShard:
         self.snapshot_path, self.snapshot_every_s = snapshot_path, snapshot_every_s
         self.restored_version: int | None = None
         self._ref = self._ref_version = None
-        if state is not None:
-            self.load(state)
-        elif snapshot_path and os.path.exists(snapshot_path):
+        self.last_snapshot = -float("inf")
+        if snapshot_path and os.path.exists(snapshot_path):
             # Only a restart after a crash finds its own snapshot: the driver removes stale ones.
             self.load(load_checked(snapshot_path))
             self.restored_version = self.version
-        self.last_snapshot = -float("inf")
-        if snapshot_path:
+
+    def assign(self, values: np.ndarray) -> int:
+        """Start from ``values`` at version 0 (the run's initial parameters); returns the length."""
+        with torch.no_grad():
+            self.param.copy_(torch.from_numpy(np.array(values, dtype=np.float32)).reshape(-1))
+        if self.snapshot_path:
             self.snapshot()
+        return self.param.numel()
 
     # -- the two verbs replicas use --------------------------------------------------------------
     def push(self, grad: np.ndarray, fetched_version: int, rank: int = -1) -> int:
@@ -143,12 +153,15 @@ class ParameterShard:
                 "staleness": [self.stale_count, self.stale_sum, self.stale_max]}
 
     def load(self, state: dict) -> None:
+        """Continue from what ``state`` returned (a checkpoint or this shard's snapshot)."""
         with torch.no_grad():
             self.param.copy_(state["params"])
         self.opt.load_state_dict(state["optimizer"])
         self.set_lr(float(state["lr"]))
         self.version = int(state["version"])
         self.stale_count, self.stale_sum, self.stale_max = (int(v) for v in state["staleness"])
+        if self.snapshot_path:
+            self.snapshot()
 
     def snapshot(self) -> str:
         """Atomic (temporary file + rename), so a crash mid-write leaves the previous snapshot."""
@@ -204,13 +217,3 @@ class StalenessGate:
     async def stats(self) -> dict:
         return {"lead_max": max(self.leads, default=0), "lead_mean": float(np.mean(self.leads)) if self.leads else 0.0,
                 "admitted": len(self.leads)}
-
-
-def ps_actor(cls=ParameterShard, *, num_cpus: float, max_restarts: int = 0):
-    """The single factory that makes parameter-server classes (shards, the gate) Ray actors."""
-    import ray
-
-    options = {"num_cpus": num_cpus, "max_restarts": max_restarts}
-    if cls is StalenessGate:
-        options["max_concurrency"] = 1000  # every replica may be waiting in admit at once
-    return ray.remote(cls).options(**options)

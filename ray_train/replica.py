@@ -1,6 +1,6 @@
 """Replica: a plain class owning one model copy, its optimizer, its device and a shard of the
-data. ``replica_actor`` is the one place it becomes a Ray actor (STYLE.md #1), so tests can call
-the class directly or subclass it to inject faults."""
+data. ``ray_train.cluster.actor_class`` makes it a Ray actor, so tests can call the class directly
+or subclass it to inject faults."""
 from __future__ import annotations
 
 import os
@@ -11,11 +11,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from models import build_model
 from ray_train.cluster import ReplicaContext, free_port, node_address, tune_malloc
 from ray_train.comm import DistAllreduce, SharedMemoryAllreduce, flatten_grads
 from ray_train.config import TrainConfig
 from ray_train.data import Dataset, eval_shard, shard_batches, to_tensor
+from ray_train.evaluation import predict
 from ray_train.optim import build_optimizer, set_lr
 
 PG_TIMEOUT = timedelta(seconds=120)
@@ -28,14 +28,21 @@ def pick_device(ctx: ReplicaContext) -> torch.device:
     return torch.device("cpu")
 
 
+def sum_cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits, y, reduction="sum")
+
+
 class Replica:
-    def __init__(self, ctx: ReplicaContext, cfg: TrainConfig, data: Dataset) -> None:
+    """``model`` is a zero-argument callable that builds the network (ray_train.api.model_factory):
+    a registry network, a user's ``module:function`` or a user's own callable."""
+
+    def __init__(self, ctx: ReplicaContext, cfg: TrainConfig, data: Dataset | None, model) -> None:
         self.ctx, self.cfg, self.data = ctx, cfg, data
         tune_malloc()
         torch.set_num_threads(max(1, int(ctx.num_cpus)))
         self.device = pick_device(ctx)
         torch.manual_seed(ctx.seed)  # identical initial parameters on every replica of a group
-        self.model = build_model(cfg.model.name, dropout=cfg.model.dropout).to(self.device)
+        self.model = model().to(self.device)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.grad = flatten_grads(self.params)
         self.opt = build_optimizer(self.model.named_parameters(), cfg.optim)
@@ -85,13 +92,14 @@ class Replica:
             dist.destroy_process_group()
 
     # -- training ----------------------------------------------------------------------------
-    def set_epoch(self, epoch: int, lr: float) -> int:
-        """Prepare this epoch's batches (this rank's shard) and learning rate; returns steps."""
+    def set_epoch(self, epoch: int, lr: float, start: int = 0) -> int:
+        """Prepare this epoch's batches (this rank's shard) and learning rate, positioned ``start``
+        steps in (a run resumed mid-epoch); returns the epoch's steps."""
         set_lr(self.opt, lr)
         self.model.train()
         self.batches = shard_batches(len(self.data.y_train), self.ctx.world_size, self.ctx.rank,
                                      self.cfg.run.batch_size, self.cfg.run.seed, epoch)
-        self.cursor = 0
+        self.cursor = start
         return len(self.batches)
 
     def train_steps(self, n: int) -> dict:
@@ -134,22 +142,14 @@ class Replica:
         return loss.detach(), (out.argmax(1) == y).sum()
 
     # -- evaluation and state ----------------------------------------------------------------
-    @torch.no_grad()
-    def evaluate(self, batch_size: int = 1000) -> dict:
-        """Loss and predictions on this rank's contiguous slice of the test set."""
-        self.model.eval()
-        idx = eval_shard(len(self.data.y_test), self.ctx.world_size, self.ctx.rank)
-        loss_sum, preds = 0.0, []
-        for start in range(0, len(idx), batch_size):
-            sel = idx[start : start + batch_size]
-            x = to_tensor(self.data.x_test[sel]).to(self.device)
-            y = torch.from_numpy(self.data.y_test[sel]).to(self.device)
-            out = self.model(x)
-            loss_sum += float(F.cross_entropy(out, y, reduction="sum"))
-            preds.append(out.argmax(1).to(torch.int64).cpu().numpy())
-        self.model.train()
-        preds = np.concatenate(preds) if preds else np.empty(0, dtype=np.int64)
-        return {"loss_sum": loss_sum, "preds": preds, "start": int(idx[0]) if len(idx) else 0}
+    def evaluate(self, split: str = "test") -> dict:
+        """Summed loss and softmax probabilities on this rank's contiguous slice of ``split``."""
+        x, y = getattr(self.data, f"x_{split}"), getattr(self.data, f"y_{split}")
+        idx = eval_shard(len(y), self.ctx.world_size, self.ctx.rank)
+        lo, hi = (int(idx[0]), int(idx[-1]) + 1) if len(idx) else (0, 0)
+        loss_sum, probs = predict(self.model, x[lo:hi], y[lo:hi], sum_cross_entropy, self.device,
+                                  self.data.num_classes)
+        return {"start": lo, "loss_sum": loss_sum, "probs": probs}
 
     def flat_params(self) -> np.ndarray:
         return torch.cat([p.detach().reshape(-1) for p in self.params]).cpu().numpy()
@@ -177,16 +177,3 @@ class Replica:
             torch.set_rng_state(rng["cpu"])
             if "cuda" in rng and self.device.type == "cuda":
                 torch.cuda.set_rng_state(rng["cuda"], self.device)
-
-
-def replica_actor(cls=Replica, *, num_cpus: float, num_gpus: float, pg=None, bundle: int | None = None,
-                  max_restarts: int = 0):
-    """The single factory that turns a replica class into a Ray actor class with its resources."""
-    import ray
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-    options = {"num_cpus": num_cpus, "num_gpus": num_gpus, "max_restarts": max_restarts}
-    if pg is not None:
-        options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
-            placement_group=pg, placement_group_bundle_index=bundle)
-    return ray.remote(cls).options(**options)

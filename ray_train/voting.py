@@ -110,3 +110,24 @@ def accuracy(preds, labels) -> tuple[float, int]:
     preds, labels = np.asarray(preds), np.asarray(labels)
     errors = int((preds != labels).sum())
     return (1.0 - errors / len(labels) if len(labels) else 0.0), errors
+
+
+def vote_report(probs: np.ndarray, weights: np.ndarray, y: np.ndarray) -> dict:
+    """Everything summary.json reports about combining members' probabilities [M, n, C] on labels
+    ``y``: hard and soft vote, the members alone, oracle, disagreement; ``vote_preds`` the hard vote."""
+    hard = majority_vote(probs, weights)
+    soft, mean = soft_vote(probs, weights)
+    member_acc = [accuracy(p.argmax(1), y) for p in probs]
+    dis = disagreement(probs)
+    off = dis[~np.eye(len(dis), dtype=bool)]
+    vote_acc, vote_err = accuracy(hard, y)
+    soft_acc, soft_err = accuracy(soft, y)
+    nll = float(-np.log(np.clip(mean[np.arange(len(y)), y], 1e-12, None)).mean()) if len(y) else 0.0
+    return {"vote_accuracy": vote_acc, "vote_errors": vote_err, "soft_vote_accuracy": soft_acc,
+            "soft_vote_errors": soft_err, "soft_vote_nll": nll, "oracle_accuracy": oracle_accuracy(probs, y),
+            "member_mean_accuracy": float(np.mean([a for a, _ in member_acc])),
+            "member_mean_errors": float(np.mean([e for _, e in member_acc])),
+            "member_best_errors": int(min(e for _, e in member_acc)),
+            "disagreement": dis.round(6).tolist(), "mean_disagreement": float(off.mean()) if off.size else 0.0,
+            "tie_rule": "plurality of argmax votes; ties -> highest summed softmax probability, then lowest label",
+            "vote_preds": hard}

@@ -34,12 +34,27 @@ def _cfg(replicas: int, **asyncs):
         "async": {"ps_cpus": 0, **asyncs}})
 
 
+def _factory(cfg):
+    from ray_train.api import model_factory
+    from ray_train.data import load_dataset
+
+    return model_factory(cfg, load_dataset(cfg.data))
+
+
+def _initial_model(cfg):
+    import torch
+
+    with torch.random.fork_rng():
+        torch.manual_seed(cfg.run.seed)
+        return _factory(cfg)()
+
+
 def _sync(data_ref, steps: int, warmup: int) -> float:
     import ray
 
     from ray_train.group import ReplicaGroup
 
-    group = ReplicaGroup.create(_cfg(2), data_ref)
+    group = ReplicaGroup.create(_cfg(2), data_ref, _factory(_cfg(2)))
     try:
         # mnist5k: 31 steps per replica per epoch; queue chunks as the sync strategy does.
         def run(n: int, epoch: int) -> int:
@@ -64,10 +79,10 @@ def _sync(data_ref, steps: int, warmup: int) -> float:
 def _async(data_ref, steps: int, warmup: int, n_fetch: int = 1, n_push: int = 1) -> dict:
     import ray
 
-    from ray_train.strategies.async_sgd import Downpour, initial_model
+    from ray_train.engines.downpour import Downpour
 
     cfg = _cfg(2, ps_shards=1, n_fetch=n_fetch, n_push=n_push)
-    dp = Downpour.start(cfg, data_ref, initial_model(cfg))
+    dp = Downpour(cfg, data_ref, _factory(cfg), _initial_model(cfg))
     try:
         ray.get([r.run.remote(0, warmup) for r in dp.replicas])
         v0 = ray.get(dp.shards[0].stats.remote())["version"]
@@ -86,18 +101,17 @@ def _ps_capacity(shards: int, pushes: int) -> float:
     import numpy as np
     import ray
 
-    from ray_train.config import OptimConfig
-    from ray_train.parameter_server import ParameterShard, ps_actor, split_bounds
-    from ray_train.strategies.async_sgd import initial_model
+    from ray_train.cluster import actor_class
+    from ray_train.config import OptimConfig, build_config
+    from ray_train.parameter_server import ParameterShard, split_bounds
 
-    from ray_train.config import build_config
-
-    model = initial_model(build_config(overrides={"model": {"name": "net_h"}}))
+    model = _initial_model(build_config(overrides={"model": {"name": "net_h"}}))
     flat = np.concatenate([p.detach().reshape(-1).numpy() for p in model.parameters()])
     grad = np.random.default_rng(0).standard_normal(len(flat)).astype(np.float32) * 1e-3
     bounds = split_bounds(len(flat), shards)
-    actors = [ps_actor(ParameterShard, num_cpus=2 / shards).remote(k, flat[lo:hi], OptimConfig(optimizer="adagrad", lr=0.01))
+    actors = [actor_class(ParameterShard, num_cpus=2 / shards).remote(k, hi - lo, OptimConfig(optimizer="adagrad", lr=0.01))
               for k, (lo, hi) in enumerate(bounds)]
+    ray.get([a.assign.remote(flat[lo:hi]) for a, (lo, hi) in zip(actors, bounds)])
     try:
         grads = [ray.put(grad[lo:hi]) for lo, hi in bounds]  # one copy, read by every push
         ray.get([a.push.remote(g, 0) for a, g in zip(actors, grads)])  # warm-up

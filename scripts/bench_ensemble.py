@@ -1,6 +1,6 @@
 """Ensemble section of the benchmark: two members on two CPUs trained at once against the same
 two members one after the other, in the same run, through the strategy's own member runner
-(ray_train.strategies.ensemble.run_members with 2 slots, then 1 slot).
+(ray_train.ensemble.run_members with 2 slots, then 1 slot).
 
 Members are independent, so the parallel run should approach 2x; what eats into it is actor
 start-up, the driver, and Ray's own processes on a 2-core machine. Each member is net D, plain SGD,
@@ -29,13 +29,12 @@ sys.path.insert(0, ROOT)
 MODEL, LR, BATCH = "net_d", 0.05, 64
 
 
-def _context(epochs: int, run_dir: str):
+def _context(epochs: int, run_dir: str) -> dict:
     import ray
 
     from ray_train.config import build_config
     from ray_train.data import load_dataset
     from ray_train.metrics import MetricsSink
-    from ray_train.strategies.base import RunContext
 
     cfg = build_config({}, {"run": {"strategy": "ensemble", "epochs": epochs, "batch_size": BATCH, "log_every": 50,
                                     "storage": run_dir},
@@ -44,20 +43,21 @@ def _context(epochs: int, run_dir: str):
                             "resources": {"replicas": 1, "cpus_per_replica": 1}})
     data = load_dataset(cfg.data)
     sink = MetricsSink(out=io.StringIO(), progress=False)  # NullLogger: no event files, no epoch lines
-    return RunContext(cfg, data, ray.put(data), sink, run_dir), cfg
+    return {"cfg": cfg, "data": data, "data_ref": ray.put(data), "sink": sink, "run_dir": run_dir}, cfg
 
 
 def _timed(ctx, specs, slots: int) -> dict:
-    from ray_train.strategies.ensemble import run_members
+    from ray_train.ensemble import run_members
 
     t0 = time.perf_counter()
-    results = run_members(ctx, specs, slots)
+    results = run_members(ctx["cfg"], specs, slots, ctx["data"], ctx["data_ref"], None, ctx["sink"], ctx["run_dir"],
+                          lambda: False)
     wall = time.perf_counter() - t0
     assert all(r.ok for r in results), [r.error for r in results]
     samples = sum(r.train_samples for r in results)
     return {"wall_s": wall, "samples": samples, "samples_per_s": samples / wall,
             "member_train_s": [r.train_s for r in results],
-            "member_test_accuracy": [float((r.probs.argmax(1) == ctx.data.y_test).mean()) for r in results],
+            "member_test_accuracy": [float((r.probs.argmax(1) == ctx["data"].y_test).mean()) for r in results],
             # different seeds must give different members, however close their accuracies
             "members_disagree": float((results[0].probs.argmax(1) != results[1].probs.argmax(1)).mean())}
 
@@ -66,7 +66,7 @@ def bench(epochs: int = 2) -> dict:
     """Parallel (2 members at once) vs sequential (one after the other) wall time and speed-up."""
     import ray
 
-    from ray_train.strategies.ensemble import member_specs
+    from ray_train.config import member_specs
 
     cpus = ray.cluster_resources().get("CPU", 0)
     with tempfile.TemporaryDirectory(prefix="bench-ensemble-") as tmp:
@@ -78,7 +78,7 @@ def bench(epochs: int = 2) -> dict:
         parallel = _timed(_with_dir(ctx, os.path.join(tmp, "parallel")), specs, 2)
         sequential = _timed(_with_dir(ctx, os.path.join(tmp, "sequential")), specs, 1)
     return {"model": MODEL, "members": len(specs), "cpus_per_member": 1, "cluster_cpus": cpus, "epochs": epochs,
-            "train_images_per_epoch": int(len(ctx.data.y_train)), "parallel": parallel, "sequential": sequential,
+            "train_images_per_epoch": int(len(ctx["data"].y_train)), "parallel": parallel, "sequential": sequential,
             "speedup": sequential["wall_s"] / parallel["wall_s"],
             # the epochs alone (no actor start-up, which costs ~2.5 s a member either way): both
             # parallel members start together, so the longer one spans the parallel training phase
@@ -86,10 +86,8 @@ def bench(epochs: int = 2) -> dict:
             "same_accuracy": parallel["member_test_accuracy"] == sequential["member_test_accuracy"]}
 
 
-def _with_dir(ctx, run_dir: str):
-    import dataclasses
-
-    return dataclasses.replace(ctx, run_dir=run_dir)
+def _with_dir(ctx, run_dir: str) -> dict:
+    return {**ctx, "run_dir": run_dir}
 
 
 def main() -> None:

@@ -91,32 +91,36 @@ def case_ours(replicas: int, batch: int, steps: int, warmup: int) -> dict:
 
     init_ray(num_cpus=2, preload=("ray_train.group", "ray_train.data"))  # as the CLI does
 
+    from ray_train.api import model_factory
     from ray_train.config import build_config
     from ray_train.group import ReplicaGroup
 
     cfg = build_config({}, {"run": {"batch_size": batch, "log_every": 10},
                             "model": {"name": MODEL}, "optim": {"optimizer": "sgd", "lr": LR},
                             "resources": {"replicas": replicas, "cpus_per_replica": 1}})
-    data_ref = ray.put(_mnist5k())
-    group = ReplicaGroup.create(cfg, data_ref)
+    data = _mnist5k()
+    group = ReplicaGroup.create(cfg, ray.put(data), model_factory(cfg, data))
     try:
-        state = {"epoch": 0, "left": 0}
+        state = {"epoch": 0, "position": 0, "done": 0}
 
-        def run(n: int) -> None:
-            """n steps, queued as the strategy queues them: chunks of log_every, one ray.get each."""
-            while n > 0:
-                if state["left"] == 0:
-                    state["left"] = ray.get([a.set_epoch.remote(state["epoch"], LR) for a in group.actors])[0]
-                    state["epoch"] += 1
-                take = min(n, state["left"])
-                refs = [[a.train_steps.remote(min(10, take - s)) for a in group.actors] for s in range(0, take, 10)]
-                for r in refs:
-                    ray.get(r)
-                n, state["left"] = n - take, state["left"] - take
+        def on_chunk(results) -> None:
+            state["done"] += len(results[0]["step_ms"])
+
+        def run(n: int) -> int:
+            """At least n steps, as the sync engine runs them (ReplicaGroup.train_epoch: chunks of
+            log_every, two queued per replica); returns the steps taken (a chunk may overshoot)."""
+            start, target = state["done"], state["done"] + n
+            while state["done"] < target:
+                before = state["done"]
+                complete = group.train_epoch(state["epoch"], LR, state["position"], 10, on_chunk,
+                                             lambda: state["done"] >= target)
+                state["position"] = 0 if complete else state["position"] + state["done"] - before
+                state["epoch"] += complete
+            return state["done"] - start
 
         run(warmup)
         t0 = time.perf_counter()
-        run(steps)
+        steps = run(steps)
         elapsed = time.perf_counter() - t0
     finally:
         comm = group.comm

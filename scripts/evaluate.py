@@ -31,7 +31,7 @@ class _Parser(argparse.ArgumentParser):
 
 def load_ensemble(run_dir: str) -> tuple[list[dict], list, np.ndarray, dict]:
     """(member specs, eval-mode models, weights, stored config) of the members that vote."""
-    from models import build_model
+    from models import ImportedFactory, build_model
     from ray_train.checkpoint import load_checked
 
     if not os.path.isdir(run_dir):
@@ -52,7 +52,12 @@ def load_ensemble(run_dir: str) -> tuple[list[dict], list, np.ndarray, dict]:
     models = []
     for m in voting:
         state = load_checked(os.path.join(run_dir, m["path"]))
-        model = build_model(state["spec"]["model"], dropout=state["spec"]["dropout"])
+        name, shape = state["spec"]["model"], tuple(state.get("input_shape", (1, 28, 28)))
+        if name == "custom":
+            raise UserError(f"--run: {run_dir}'s members are Python callables handed to ray_train.fit; "
+                            "load members/member_<k>/model.pt with your own network in Python")
+        model = ImportedFactory(name)() if ":" in name else build_model(
+            name, dropout=state["spec"]["dropout"], input_shape=shape, num_classes=state.get("num_classes", 10))
         model.load_state_dict(state["model"])
         models.append(model.eval())
     return voting, models, np.asarray(info["weights"], dtype=np.float64), config

@@ -79,6 +79,7 @@ def main() -> None:
     init_ray(num_cpus=2, preload=("ray_train.group",))
     import ray
 
+    from ray_train.api import model_factory
     from ray_train.config import DataConfig, build_config
     from ray_train.data import load_dataset
     from ray_train.group import ReplicaGroup
@@ -86,8 +87,8 @@ def main() -> None:
     cfg = build_config({}, {"run": {"batch_size": args.batch_size, "allreduce": args.allreduce},
                             "model": {"name": args.model}, "optim": {"optimizer": "sgd", "lr": 0.05},
                             "resources": {"replicas": args.replicas, "cpus_per_replica": 1}})
-    group = ReplicaGroup.create(cfg, ray.put(load_dataset(DataConfig(dataset="mnist5k"))),
-                                replica_cls=profiled_replica())
+    data = load_dataset(DataConfig(dataset="mnist5k"))
+    group = ReplicaGroup.create(cfg, ray.put(data), model_factory(cfg, data), replica_cls=profiled_replica())
     try:
         steps, t0 = 0, time.perf_counter()
         for epoch in range(args.epochs):

@@ -295,3 +295,109 @@ def test_mnist_missing_on_mirror_names_the_http_status(tiny_mnist, tmp_path):
     with serve(folder) as url, pytest.raises(DataError, match="HTTP 404 .*--data-dir"):
         load_dataset(DataConfig(dataset="mnist", mirror=url, cache_dir=str(tmp_path / "cache")))
     assert os.listdir(tmp_path / "cache") == []
+
+
+# -- a user's own data: arrays, idx:DIR, npz:FILE -------------------------------------------------
+def _idx_bytes(array: np.ndarray) -> bytes:
+    return bytes([0, 0, 8, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape) + array.tobytes()
+
+
+def _idx_folder(folder, n_train=30, n_test=12, side=16, classes=3, gz=True):
+    rng = np.random.default_rng(0)
+    folder.mkdir(exist_ok=True)
+    arrays = {"x_train": rng.integers(0, 256, (n_train, side, side), dtype=np.uint8),
+              "y_train": (np.arange(n_train) % classes).astype(np.uint8),
+              "x_test": rng.integers(0, 256, (n_test, side, side), dtype=np.uint8),
+              "y_test": (np.arange(n_test) % classes).astype(np.uint8)}
+    for key, name in MNIST_FILES.items():
+        raw = _idx_bytes(arrays[key])
+        if gz:
+            (folder / name).write_bytes(gzip.compress(raw))
+        else:
+            (folder / name[: -len(".gz")]).write_bytes(raw)
+    return arrays
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_idx_folder_gives_its_own_image_size_and_classes(tmp_path, gz):
+    arrays = _idx_folder(tmp_path / "kmnist", gz=gz)
+    data = load_dataset(DataConfig(dataset=f"idx:{tmp_path / 'kmnist'}"))
+    assert data.name == "kmnist" and data.num_classes == 3 and data.input_shape == (1, 16, 16)
+    assert data.x_train.dtype == np.uint8 and np.array_equal(data.x_train[:, 0], arrays["x_train"])
+    assert data.y_test.dtype == np.int64 and np.array_equal(data.y_test, arrays["y_test"])
+    expanded = load_dataset(DataConfig(dataset=f"idx:{tmp_path / 'kmnist'}", expand=True))
+    assert len(expanded.y_train) == 5 * 30 and expanded.input_shape == (1, 16, 16)
+
+
+def test_idx_folder_errors_name_the_file(tmp_path):
+    with pytest.raises(DataError, match="folder not found"):
+        load_dataset(DataConfig(dataset=f"idx:{tmp_path / 'nope'}"))
+    _idx_folder(tmp_path / "half")
+    os.remove(tmp_path / "half" / "t10k-labels-idx1-ubyte.gz")
+    with pytest.raises(DataError, match="t10k-labels-idx1-ubyte \\(or t10k-labels-idx1-ubyte.gz\\) is missing"):
+        load_dataset(DataConfig(dataset=f"idx:{tmp_path / 'half'}"))
+    _idx_folder(tmp_path / "bad")
+    (tmp_path / "bad" / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(b"\x00\x00\x08\x03\x00\x00"))
+    with pytest.raises(DataError, match="truncated"):
+        load_dataset(DataConfig(dataset=f"idx:{tmp_path / 'bad'}"))
+
+
+def test_npz_file(tmp_path):
+    rng = np.random.default_rng(1)
+    x, y = rng.standard_normal((20, 5)), rng.integers(0, 4, 20)
+    np.savez(tmp_path / "table.npz", x_train=x[:15], y_train=y[:15], x_test=x[15:], y_test=y[15:])
+    data = load_dataset(DataConfig(dataset=f"npz:{tmp_path / 'table.npz'}"))
+    assert data.name == "table" and data.input_shape == (5,) and data.x_train.dtype == np.float32
+    assert data.num_classes == int(y.max()) + 1
+    np.savez(tmp_path / "partial.npz", x_train=x, y_train=y)
+    with pytest.raises(DataError, match="no array 'x_test'; it holds x_train, y_train"):
+        load_dataset(DataConfig(dataset=f"npz:{tmp_path / 'partial.npz'}"))
+    (tmp_path / "junk.npz").write_text("not a zip")
+    with pytest.raises(DataError, match="not a readable .npz"):
+        load_dataset(DataConfig(dataset=f"npz:{tmp_path / 'junk.npz'}"))
+    with pytest.raises(DataError, match="file not found"):
+        load_dataset(DataConfig(dataset=f"npz:{tmp_path / 'missing.npz'}"))
+    with pytest.raises(DataError, match="need images"):
+        load_dataset(DataConfig(dataset=f"npz:{tmp_path / 'table.npz'}", expand=True))
+
+
+def test_dataset_from_arrays_of_any_shape():
+    rng = np.random.default_rng(2)
+    data = data_mod.Dataset("rgb", rng.standard_normal((10, 3, 8, 8)), rng.integers(0, 4, 10),
+                            rng.standard_normal((6, 3, 8, 8)), np.array([0.0, 1.0, 2.0, 3.0, 3.0, 0.0]))
+    assert data.x_train.dtype == np.float32 and data.x_train.flags.c_contiguous
+    assert data.y_test.dtype == np.int64 and data.num_classes == 4 and data.input_shape == (3, 8, 8)
+
+
+X, Y = np.zeros((4, 2), np.float32), np.array([0, 1, 0, 1])
+
+
+@pytest.mark.parametrize("args,needle", [
+    ((X, Y[:3], X, Y), "x_train has 4 examples but y_train has 3 labels"),
+    ((X, Y, np.zeros((4, 3), np.float32), Y), "x_train's examples have shape [2] but x_test's [3]"),
+    ((X.astype(np.int32), Y, X, Y), "x_train: dtype int32 is not supported"),
+    ((np.full((4, 2), np.nan, np.float32), Y, X, Y), "x_train: holds NaN"),
+    ((X, Y - 1, X, Y), "y_train: label -1 is negative"),
+    ((X, Y + 0.5, X, Y), "y_train: expected integer class labels"),
+    ((X, Y.reshape(2, 2), X, Y), "y_train: expected class labels [examples]"),
+    ((X[:0], Y[:0], X, Y), "x_train is empty"),
+])
+def test_dataset_mistakes_name_the_array(args, needle):
+    with pytest.raises(DataError) as err:
+        data_mod.Dataset("bad", *args)
+    assert needle in str(err.value)
+
+
+def test_num_classes_given_must_cover_the_labels():
+    with pytest.raises(DataError, match="label 1 is out of range for num_classes=1"):
+        data_mod.Dataset("bad", X, Y, X, Y, num_classes=1)
+
+
+def test_dataset_names_are_validated_without_loading():
+    from ray_train.config import ConfigError
+
+    for good in ("mnist5k", "idx:/some/folder", "npz:file.npz", "custom"):
+        assert DataConfig(dataset=good).dataset == good
+    for bad in ("cifar", "idx:", "csv:x.csv"):
+        with pytest.raises(ConfigError, match="allowed: mnist5k, mnist, synthetic, idx:DIR, npz:FILE"):
+            DataConfig(dataset=bad)

@@ -145,7 +145,7 @@ def test_bootstrap_sample_is_seeded_and_covers_about_63_percent():
 class DyingMember(EnsembleMember):
     """Seed 5: the first replica to start epoch 2 dies (once). Seed 7: dies at epoch 2 every time."""
 
-    def set_epoch(self, epoch, lr):
+    def set_epoch(self, epoch, lr, start=0):
         if epoch == 1 and self.ctx.seed == 7:
             os._exit(1)
         if epoch == 1 and self.ctx.seed == 5:
@@ -154,14 +154,14 @@ class DyingMember(EnsembleMember):
                 os._exit(1)
             except FileExistsError:
                 pass
-        return super().set_epoch(epoch, lr)
+        return super().set_epoch(epoch, lr, start)
 
 
 @pytest.fixture(scope="module")
 def failure_run(ray_cluster, tmp_path_factory):
     from ray import cloudpickle
 
-    from ray_train.strategies import ensemble
+    from ray_train import ensemble
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # actors cannot import this test file
     storage = tmp_path_factory.mktemp("fail")
@@ -190,9 +190,9 @@ def test_a_dead_member_resumes_from_its_checkpoint_exactly(failure_run):
     assert sorted([a["restarts"], b["restarts"]]) == [0, 1]  # exactly one of the two seed-5 members died
     resumed = a if a["restarts"] else b
     assert resumed["resumed_from_epochs"] == [1] and resumed["status"] == "ok" and resumed["epochs"] == EPOCHS
-    assert "restarting from its checkpoint after epoch 1" in out
-    # Same seed, same data order, model and momentum restored: the resumed member ends exactly where
-    # the uninterrupted one does (mlp30 has no dropout, so no random state is lost).
+    assert "died in epoch 2; restarting from checkpoint" in out and "(epoch 1), failure 1 of at most 1" in out
+    # Same seed, same data order, model, momentum and RNG restored: the resumed member ends exactly
+    # where the uninterrupted one does.
     assert a["test_loss"] == pytest.approx(b["test_loss"], rel=1e-6)
     assert a["test_errors"] == b["test_errors"] and a["test_accuracy"] > 0.8
     assert a["train_samples"] == b["train_samples"] == EPOCHS * STEPS * BATCH
@@ -203,7 +203,7 @@ def test_a_member_that_cannot_be_restarted_is_left_out_with_a_warning(failure_ru
     dropped = s["members"][2]
     assert dropped["status"] == "failed" and dropped["test_accuracy"] is None and dropped["restarts"] == 1
     assert s["members_voting"] == 2 and s["concurrent_members"] == 2  # 3 x 0.8 CPU: the third queued
-    assert len(s["warnings"]) == 1 and "member 2" in s["warnings"][0] and "max_failures=1" in s["warnings"][0]
+    assert len(s["warnings"]) == 1 and "member 2" in s["warnings"][0] and "run.max_failures is 1" in s["warnings"][0]
     assert "WARNING: member 2 (mlp30, seed 7) dropped" in out
     # The vote of the two survivors (identical members) equals each of them.
     assert s["vote_errors"] == s["members"][0]["test_errors"]
@@ -245,6 +245,26 @@ def test_resume_after_an_interruption_equals_the_uninterrupted_run(ray_cluster, 
         steps = [e.step for e in acc.Scalars(tag)]
         assert len(steps) == len(set(steps)), (tag, steps)  # nothing written twice
         assert steps == [e.step for e in EventAccumulator(str(tmp_path / "straight")).Reload().Scalars(tag)], tag
+
+
+def test_resume_with_dropout_is_exact(ray_cluster, tmp_path):
+    """Members' checkpoints hold every replica's RNG: two net_h members (dropout 0.5) stopped after
+    one epoch and resumed to two end with the parameters of an uninterrupted two-epoch run."""
+    argv = ["--strategy", "ensemble", "--members", "2", "--model", "net_h", "--lr", "0.03", "--optimizer", "sgd",
+            "--cpus-per-replica", "0.5", "--log-every", "20", "--storage", str(tmp_path), "--no-progress",
+            "--no-tensorboard"]
+    assert main([*argv, "--epochs", "2", "--run-name", "straight"]) == 0
+    assert main([*argv, "--epochs", "1", "--run-name", "stopped"]) == 0
+    assert main(["--resume", str(tmp_path / "stopped"), "--epochs", "2", "--no-progress", "--no-tensorboard"]) == 0
+    for k in range(2):
+        a, b = (torch.load(tmp_path / run / "members" / f"member_{k}" / "model.pt", weights_only=True)["model"]
+                for run in ("straight", "stopped"))
+        diff = max(float((a[n] - b[n]).abs().max()) for n in a)
+        print(f"member {k}: max abs parameter difference, resumed vs uninterrupted: {diff:.3g}")
+        assert diff <= 1e-6
+        ckpt = torch.load(tmp_path / "stopped" / "members" / f"member_{k}" / "checkpoints" / "ckpt-000002.pt",
+                          weights_only=True)
+        assert ckpt["epoch"] == 2 and len(ckpt["engine"]["rng"]) == 1  # one replica per member, its RNG kept
 
 
 # -- bad input: one line, exit 2 --------------------------------------------------------------------

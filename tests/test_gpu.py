@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from ray_train.api import model_factory
 from ray_train.cli import main
 from ray_train.cluster import ReplicaContext
 from ray_train.config import build_config
@@ -57,7 +58,7 @@ def _cfg(replicas: int, gpus: float):
 
 
 def _train(ray, cfg, data):
-    group = ReplicaGroup.create(cfg, ray.put(data), replica_cls=GpuReplica)
+    group = ReplicaGroup.create(cfg, ray.put(data), model_factory(cfg, data), replica_cls=GpuReplica)
     try:
         where = ray.get([a.where.remote() for a in group.actors])
         ray.get([a.set_epoch.remote(0, cfg.optim.lr) for a in group.actors])
@@ -72,7 +73,7 @@ def _train(ray, cfg, data):
 def _reference(cfg, data, replicas: int) -> np.ndarray:
     """One process on the GPU, batch replicas*b: each step takes every replica's batch of that step."""
     _exact_math()
-    single = Replica(ReplicaContext(0, 1, 1, 1, SEED), cfg, data)
+    single = Replica(ReplicaContext(0, 1, 1, 1, SEED), cfg, data, model_factory(cfg, data))
     assert single.device.type == "cuda"
     shards = [shard_batches(len(data.y_train), replicas, r, BATCH, SEED, 0) for r in range(replicas)]
     for s in range(STEPS):

@@ -23,3 +23,15 @@ def test_quick_start_is_the_two_make_commands():
     text = _readme()
     start = text[text.index("## Quick start"):]
     assert "make train" in start and "make test" in start
+
+
+def test_the_own_model_and_data_example_runs(ray_cluster, tmp_path, monkeypatch, capsys):
+    text = _readme()
+    block = text[text.index("<!-- example:begin -->"):text.index("<!-- example:end -->")]
+    code = block.split("```python\n", 1)[1].rsplit("```", 1)[0]
+    monkeypatch.chdir(tmp_path)  # the example writes runs/blobs where it runs
+    exec(compile(code, "README example", "exec"), {"__name__": "__main__"})
+    out = capsys.readouterr().out
+    accuracy = float(out.split("test accuracy ")[-1].split(",")[0])
+    assert accuracy > 0.9 and "stopped: epochs" in out  # 4 separable classes
+    assert (tmp_path / "runs" / "blobs" / "summary.json").exists()

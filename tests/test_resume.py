@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from ray_train.api import model_factory
 from ray_train.cli import main
 from ray_train.cluster import ReplicaContext
 from ray_train.config import build_config
@@ -52,8 +53,9 @@ def test_resumed_run_equals_the_uninterrupted_run(runs):
     diffs = [float((a["model"][k] - b["model"][k]).abs().max()) for k in a["model"]]
     print(f"max abs parameter difference, resumed vs uninterrupted: {max(diffs):.3g}")
     assert max(diffs) <= 1e-6
-    initial = Replica(ReplicaContext(0, REPLICAS, 1, 0, 1), build_config(overrides={
-        "model": {"name": "mlp30", "dropout": 0.3}}), None).state()["model"]
+    cfg = build_config(overrides={"model": {"name": "mlp30", "dropout": 0.3}})
+    initial = Replica(ReplicaContext(0, REPLICAS, 1, 0, 1), cfg, None,
+                      model_factory(cfg, load_dataset(cfg.data))).state()["model"]
     assert max(float((a["model"][k] - initial[k]).abs().max()) for k in a["model"]) > 1e-2, "training moved nothing"
     momentum_a = [s["momentum_buffer"] for s in a["optimizer"]["state"].values()]
     momentum_b = [s["momentum_buffer"] for s in b["optimizer"]["state"].values()]
@@ -68,9 +70,10 @@ def test_last_checkpoints_agree_on_schedule_rng_and_counters(runs):
     assert (a["epoch"], a["step"], a["samples"]) == (b["epoch"], b["step"], b["samples"]) == (
         EPOCHS, EPOCHS * STEPS, EPOCHS * STEPS * REPLICAS * BATCH)
     assert a["schedule"] == b["schedule"] and a["schedule"]["best"] > 0.5
-    assert len(a["rng"]) == len(b["rng"]) == REPLICAS
-    assert all(torch.equal(x["cpu"], y["cpu"]) for x, y in zip(a["rng"], b["rng"]))
-    assert not torch.equal(a["rng"][0]["cpu"], a["rng"][1]["cpu"]), "replicas must draw different dropout masks"
+    ra, rb = a["engine"]["rng"], b["engine"]["rng"]
+    assert len(ra) == len(rb) == REPLICAS
+    assert all(torch.equal(x["cpu"], y["cpu"]) for x, y in zip(ra, rb))
+    assert not torch.equal(ra[0]["cpu"], ra[1]["cpu"]), "replicas must draw different dropout masks"
 
 
 def test_summary_and_history_continue(runs):
@@ -116,7 +119,7 @@ def test_rng_restore_reproduces_dropout_and_is_needed():
     batches = shard_batches(len(data.y_train), 1, 0, 32, 0, 0)
 
     def replica():
-        return Replica(ReplicaContext(0, 1, 1, 0, 0), cfg, data)
+        return Replica(ReplicaContext(0, 1, 1, 0, 0), cfg, data, model_factory(cfg, data))
 
     first = replica()
     for idx in batches[:10]:

@@ -2,7 +2,6 @@
 event files read back with tensorboard's own EventAccumulator."""
 import json
 import math
-import os
 
 import pytest
 

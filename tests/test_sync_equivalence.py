@@ -1,8 +1,9 @@
 """Sync SGD with N replicas and batch b per replica equals single-process SGD with batch N*b over
-the same samples (DESIGN.md's rule that keeps the strategy honest)."""
+the same samples (the rule that keeps the strategy honest)."""
 import numpy as np
 import pytest
 
+from ray_train.api import model_factory
 from ray_train.cluster import ReplicaContext
 from ray_train.config import build_config
 from ray_train.data import load_dataset, shard_batches
@@ -24,7 +25,7 @@ def _cfg(optimizer: str, allreduce: str):
 
 def _reference(cfg, data) -> np.ndarray:
     """Single process, batch 2b: each step takes both replicas' batches of that step."""
-    single = Replica(ReplicaContext(0, 1, 1, 0, SEED), cfg, data)
+    single = Replica(ReplicaContext(0, 1, 1, 0, SEED), cfg, data, model_factory(cfg, data))
     shards = [shard_batches(len(data.y_train), 2, r, BATCH, SEED, 0) for r in range(2)]
     for s in range(STEPS):
         single.step(np.concatenate([shards[0][s], shards[1][s]]))
@@ -36,7 +37,7 @@ def _reference(cfg, data) -> np.ndarray:
 def test_two_replicas_equal_single_process_with_double_batch(ray_cluster, optimizer, allreduce):
     cfg = _cfg(optimizer, allreduce)
     data = load_dataset(cfg.data, seed=SEED)
-    group = ReplicaGroup.create(cfg, ray_cluster.put(data))
+    group = ReplicaGroup.create(cfg, ray_cluster.put(data), model_factory(cfg, data))
     try:
         expected = {"gloo": "DistAllreduce", "shm": "SharedMemoryAllreduce"}[allreduce]
         assert group.comm == expected
@@ -49,6 +50,6 @@ def test_two_replicas_equal_single_process_with_double_batch(ray_cluster, optimi
     # Every replica applied the same update: bit-identical parameters.
     np.testing.assert_array_equal(params[0], params[1])
     reference = _reference(cfg, data)
-    initial = Replica(ReplicaContext(0, 1, 1, 0, SEED), cfg, data).flat_params()
+    initial = Replica(ReplicaContext(0, 1, 1, 0, SEED), cfg, data, model_factory(cfg, data)).flat_params()
     assert np.abs(reference - initial).max() > 1e-3, "training must have moved the parameters"
     assert np.abs(params[0] - reference).max() <= 1e-5

@@ -1,0 +1,254 @@
+"""The public API: ``ray_train.fit(config, model=..., data=...)`` runs one training run end to end
+(the CLI comes through here too) and returns its summary as a dict.
+
+    import numpy as np, torch.nn as nn, ray_train
+
+    data = ray_train.Dataset("blobs", x_train, y_train, x_test, y_test)     # numpy, any shape
+    summary = ray_train.fit({"run": {"strategy": "sync", "epochs": 5}},
+                            model=lambda: nn.Sequential(nn.Flatten(), nn.Linear(192, 4)), data=data)
+
+``config``: a TrainConfig, a mapping of sections (as in a YAML file), a YAML path, or None for the
+defaults. ``model``: a registry name ("net_d"), a "package.module:function" string, or a zero-argument
+callable returning an nn.Module (a lambda or closure works: it is pickled by value to the replicas).
+``data``: a registry name ("mnist5k", "idx:DIR", "npz:FILE") or a ray_train.Dataset.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Mapping
+
+from ray_train.checkpoint import RUN_FILE, CheckpointStore, write_run_file
+from ray_train.config import ConfigError, TrainConfig, UserError, build_config, load_yaml, member_config, member_specs
+from ray_train.data import Dataset, load_dataset, steps_per_epoch
+from ray_train.files import save_atomic, write_json
+
+CUSTOM = "custom"  # model.name / data.dataset of a callable or arrays handed to fit()
+
+
+def fit(config: TrainConfig | Mapping | str | None = None, model=None, data=None, *, tensorboard: bool = True,
+        progress: bool | None = None, out=None) -> dict:
+    """Train and return the summary (also written to <storage>/<run_name>/summary.json). Raises
+    UserError (bad input), loop.Diverged, loop.Interrupted (SIGINT/SIGTERM: the run checkpointed
+    where it stopped) or failure.ReplicaFailure (replicas died more often than run.max_failures)."""
+    cfg = as_config(config)
+    cfg, custom = _with_model(cfg, model)
+    cfg, dataset = _with_data(cfg, data)
+    # every mistake that the config and the data show is reported before Ray starts
+    runs = [cfg] if cfg.run.strategy != "ensemble" else [member_config(cfg, s) for s in member_specs(cfg)]
+    for checked in {(c.model.name, c.model.dropout): c for c in runs}.values():
+        check_model(model_factory(checked, dataset, custom), dataset, checked)
+    factory = model_factory(cfg, dataset, custom)
+    return _run(cfg, dataset, factory, custom, tensorboard, progress, out or sys.stdout)
+
+
+def as_config(config) -> TrainConfig:
+    if config is None:
+        return build_config()
+    if isinstance(config, TrainConfig):
+        return config
+    if isinstance(config, (str, os.PathLike)):
+        return build_config(load_yaml(os.fspath(config)))
+    if isinstance(config, Mapping):
+        return build_config(config)
+    raise ConfigError(f"config: expected a TrainConfig, a mapping of sections or a YAML path, got {type(config).__name__}")
+
+
+def _replace(cfg: TrainConfig, section: str, **values) -> TrainConfig:
+    return dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section), **values)})
+
+
+def _with_model(cfg: TrainConfig, model):
+    if model is None:
+        return cfg, None
+    if isinstance(model, str):
+        return _replace(cfg, "model", name=model), None
+    if callable(model):
+        return _replace(cfg, "model", name=CUSTOM), model
+    raise ConfigError(f"model: expected a registry name, 'package.module:function' or a zero-argument callable "
+                      f"returning an nn.Module, got {type(model).__name__}")
+
+
+def _with_data(cfg: TrainConfig, data) -> tuple[TrainConfig, Dataset]:
+    if isinstance(data, str):
+        cfg = _replace(cfg, "data", dataset=data)
+    elif isinstance(data, Dataset):
+        cfg = _replace(cfg, "data", dataset=CUSTOM)
+        return cfg, load_dataset(cfg.data, seed=cfg.run.seed, arrays=data)
+    elif data is not None:
+        raise ConfigError(f"data: expected a dataset name or a ray_train.Dataset, got {type(data).__name__}")
+    elif cfg.data.dataset == CUSTOM:
+        raise ConfigError("data.dataset: 'custom' means arrays handed to ray_train.fit(data=Dataset(...)); "
+                          "none were given")
+    return cfg, load_dataset(cfg.data, seed=cfg.run.seed)
+
+
+def model_factory(cfg: TrainConfig, data: Dataset, custom=None):
+    """The zero-argument callable replicas build their network with."""
+    from models import ImportedFactory, RegistryFactory
+
+    if custom is not None:
+        return custom
+    if cfg.model.name == CUSTOM:
+        raise ConfigError("model.name: 'custom' means a callable handed to ray_train.fit(model=...); none was "
+                          "given (from the command line use a registry name or --model package.module:function)")
+    if ":" in cfg.model.name:
+        return ImportedFactory(cfg.model.name)
+    return RegistryFactory(cfg.model.name, dropout=cfg.model.dropout, input_shape=tuple(data.input_shape),
+                           num_classes=data.num_classes)
+
+
+def check_model(factory, data: Dataset, cfg: TrainConfig) -> None:
+    """Build the network once on the driver and run two test examples through it, so that a model
+    that cannot be built or does not fit the data is one clear error before any actor starts. Also
+    checks that every replica gets at least one batch per epoch."""
+    import torch
+
+    from ray_train.data import to_tensor
+
+    with torch.random.fork_rng():
+        try:
+            net = factory()
+            if not isinstance(net, torch.nn.Module):
+                raise TypeError(f"it returned a {type(net).__name__}, not a torch.nn.Module")
+            with torch.no_grad():
+                out = net.eval()(to_tensor(data.x_test[:2]))
+        except Exception as exc:
+            raise UserError(f"model: {cfg.model.name} does not build or run on {data.name}'s inputs of shape "
+                            f"{list(data.input_shape)}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                            ) from exc
+    want = (min(2, len(data.y_test)), data.num_classes)
+    if tuple(out.shape) != want:
+        raise UserError(f"model: {cfg.model.name} gives outputs of shape {list(out.shape)} for {want[0]} examples; "
+                        f"{data.name} has {data.num_classes} classes, so expected {list(want)} (one logit per class)")
+    workers = 1 if cfg.run.strategy == "async" else (
+        cfg.ensemble.replicas_per_member if cfg.run.strategy == "ensemble" else cfg.resources.replicas)
+    if steps_per_epoch(len(data.y_train), workers, cfg.run.batch_size) == 0:
+        share = len(data.y_train) // workers
+        raise ConfigError(f"run.batch_size: {cfg.run.batch_size} is larger than a replica's share of the training "
+                          f"set ({share} examples with {workers} replica(s)); lower --batch-size or --replicas")
+
+
+class StopSignals:
+    """SIGINT and SIGTERM ask the run to stop at the next chunk (the second SIGINT aborts at once).
+    Installed around a run in the main thread; a no-op elsewhere (a run inside a user's thread)."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict = {}
+
+    def __call__(self) -> bool:
+        return self.signum is not None
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def make_run_dir(cfg: TrainConfig, name: str) -> str:
+    run_dir = os.path.join(cfg.run.storage, name)
+    if cfg.run.resume:
+        return run_dir  # the CLI checked it is a run folder of this strategy
+    if os.path.exists(os.path.join(run_dir, RUN_FILE)):
+        raise UserError(f"run.run_name: {run_dir} already holds a run; choose another --run-name "
+                        f"or continue it with --resume {run_dir}")
+    if os.path.exists(cfg.run.storage) and not os.path.isdir(cfg.run.storage):
+        raise UserError(f"run.storage: {cfg.run.storage} is a file; --storage needs a folder")
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"run.storage: cannot create {run_dir}: {exc.strerror or exc}") from None
+    write_run_file(run_dir, cfg.run.strategy, cfg.to_dict())
+    return run_dir
+
+
+def _run(cfg: TrainConfig, data: Dataset, factory, custom, tensorboard: bool, progress, out) -> dict:
+    import ray
+
+    from ray_train.cluster import check_resources, init_ray
+    from ray_train.engines import ENGINES
+    from ray_train.metrics import MetricsSink, NullLogger, TensorBoardLogger, logged_steps
+
+    t_start = time.perf_counter()
+    ensemble = cfg.run.strategy == "ensemble"
+    # torch and the engine's modules load while Ray starts its processes
+    init_ray(preload=("ray_train.loop", "ray_train.ensemble" if ensemble else ENGINES[cfg.run.strategy][0]))
+    if not ensemble:
+        check_resources(cfg.resources)
+    name = cfg.run_name
+    run_dir = make_run_dir(cfg, name)
+    checkpoints = CheckpointStore(run_dir, keep=cfg.run.keep_checkpoints)
+    found, skip_logged = None, {}
+    if cfg.run.resume and ensemble:
+        # Members resume from their own checkpoints, each at its own step: no single purge step
+        # fits them all, so the points the interrupted run wrote are kept and not written again.
+        skip_logged = logged_steps(run_dir)
+    elif cfg.run.resume:
+        found = checkpoints.load_latest()
+        if found is None:
+            print(f"warning: {run_dir} has no readable checkpoint; starting from scratch", file=sys.stderr, flush=True)
+        else:
+            print(f"resuming from {found[1]} (epoch {found[0]['epoch']}, step {found[0]['step']})", file=out, flush=True)
+    # TensorBoard drops the points an interrupted run wrote after its checkpoint (purge_step)
+    purge = found[0]["step"] + 1 if found else None
+    logger = TensorBoardLogger(run_dir, purge_step=purge) if tensorboard else NullLogger()
+    sink = MetricsSink(logger, out=out, progress=progress, skip_logged=skip_logged)
+    print(f"run {name}: {cfg.run.strategy} {cfg.model.name} on {data.name} "
+          f"({len(data.y_train)} train / {len(data.y_test)} test), logs in {run_dir}", file=out, flush=True)
+    data_ref = ray.put(data)
+    try:
+        with StopSignals() as stop:  # after ray.init: Ray installs its own SIGTERM handler there
+            if ensemble:
+                from ray_train.ensemble import run_ensemble
+
+                result = run_ensemble(cfg, data, data_ref, custom, sink, run_dir, stop)
+            else:
+                result = _run_engine(cfg, data, data_ref, factory, sink, run_dir, checkpoints, found, stop)
+    finally:
+        sink.flush()
+    summary = {"run_name": name, "strategy": cfg.run.strategy, "model": cfg.model.name, "dataset": data.name,
+               "replicas": cfg.resources.replicas, **result, "wall_s": time.perf_counter() - t_start,
+               "config": cfg.to_dict()}
+    sink.finish(hparams=_flat_hparams(cfg),
+                metrics={"hparams/test_accuracy": summary["test_accuracy"], "hparams/wall_s": summary["wall_s"]})
+    write_json(os.path.join(run_dir, "summary.json"), summary)
+    print(f"done: test accuracy {summary['test_accuracy']:.4f} ({summary['test_errors']} errors), "
+          f"{summary['samples_per_s']:,.0f} samples/s, {summary['wall_s']:.1f} s wall; "
+          f"summary in {run_dir}/summary.json", file=out, flush=True)
+    if tensorboard:
+        print(f"watch it: tensorboard --logdir {cfg.run.storage}", file=out, flush=True)
+    return summary
+
+
+def _run_engine(cfg, data, data_ref, factory, sink, run_dir, checkpoints, found, stop) -> dict:
+    from ray_train.engines import engine_class
+    from ray_train.engines.base import EngineContext
+    from ray_train.failure import FailurePolicy
+    from ray_train.loop import RunLoop
+
+    ctx = EngineContext(cfg, data, data_ref, factory, sink, run_dir, FailurePolicy(cfg.run.max_failures))
+    summary = RunLoop(engine_class(cfg.run.strategy)(ctx), checkpoints, stop, found, resume_hint=run_dir).run()
+    save_atomic(os.path.join(run_dir, "model.pt"), {**summary.model_state, "model_name": cfg.model.name,
+                                                     "input_shape": list(data.input_shape),
+                                                     "num_classes": data.num_classes})
+    return summary.to_dict()
+
+
+def _flat_hparams(cfg: TrainConfig) -> dict:
+    return {f"{section}.{k}": v for section, values in cfg.to_dict().items() for k, v in values.items()
+            if v is not None}

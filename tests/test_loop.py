@@ -1,0 +1,217 @@
+"""The run loop (ray_train/loop.py) driven with a scripted in-process engine, no Ray: every stop
+rule stops where it should, checkpoints there and says why; a run stopped mid-epoch resumes
+exactly; divergence stops at once without checkpointing the broken state; a replica death rewinds
+to the last checkpoint; the failure policy gives up past run.max_failures."""
+import io
+import math
+
+import numpy as np
+import pytest
+
+from ray_train import loop as loop_module
+from ray_train.checkpoint import CheckpointStore
+from ray_train.config import build_config
+from ray_train.data import Dataset
+from ray_train.engines.base import Chunk, Engine, EngineContext
+from ray_train.evaluation import EvalResult
+from ray_train.failure import FailurePolicy, ReplicaDied, ReplicaFailure
+from ray_train.loop import Diverged, Interrupted, RunLoop
+from ray_train.metrics import MetricsSink
+
+TRAIN, TEST, BATCH, CHUNK = 160, 20, 8, 5  # 20 steps per epoch with one replica
+STEP_S = 0.1  # seconds of the fake clock per step
+
+
+class Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+class ScriptedEngine(Engine):
+    """``params`` sums the indices of the steps taken (so an exact resume gives the same sum);
+    test accuracy after epoch e is ``accuracies[e - 1]``; hooks inject deaths, NaNs and signals."""
+
+    def __init__(self, ctx, accuracies, clock, die_at=None, nan_at=None, stop_at=None, stop=None):
+        super().__init__(ctx)
+        self.accuracies, self.clock = accuracies, clock
+        self.die_at, self.nan_at, self.stop_at, self.stop = die_at, nan_at, stop_at, stop
+        self.starts, self.shutdowns, self.step = 0, 0, 0
+
+    def start(self, state):
+        self.starts += 1
+        self.params, self.epochs_done, self.step = (state["params"], state["epochs_done"], state["step"]) if state \
+            else (0, 0, 0)
+
+    def train_epoch(self, epoch, lr, start, on_chunk, should_stop):
+        position, spe = start, self.epoch_steps()
+        while position < spe:
+            n = min(CHUNK, spe - position)
+            if self.die_at is not None and self.step + n > self.die_at:
+                self.die_at = None  # once
+                raise ReplicaDied({"rank": 0, "pid": 4242, "error": "ActorDiedError"})
+            self.params += sum(range(self.step, self.step + n))
+            self.step += n
+            position += n
+            self.clock.now += n * STEP_S
+            loss = math.nan if self.nan_at is not None and self.step >= self.nan_at else 1.0
+            if self.stop_at is not None and self.step >= self.stop_at:
+                self.stop.signum, self.stop_at = 15, None
+            on_chunk(Chunk(n, n * BATCH, loss * n * BATCH, n * BATCH // 2, {0: 1.0}))
+            if should_stop():
+                break
+        self.epochs_done += position == spe
+        return position == spe
+
+    def evaluate(self, split):
+        acc = self.accuracies[min(self.epochs_done, len(self.accuracies)) - 1]
+        probs = np.full((TEST, 2), 0.5, dtype=np.float32)
+        return EvalResult(0.5, acc, round((1 - acc) * TEST), probs)
+
+    def state(self):
+        return {"params": self.params, "epochs_done": self.epochs_done, "step": self.step}
+
+    def model_state(self):
+        return {"model": {}}
+
+    def shutdown(self, graceful=True):
+        self.shutdowns += 1
+
+
+class Signals:
+    signum = None
+
+    def __call__(self):
+        return self.signum is not None
+
+
+def _data():
+    rng = np.random.default_rng(0)
+    return Dataset("tiny", rng.standard_normal((TRAIN, 4), dtype=np.float32), rng.integers(0, 2, TRAIN),
+                   rng.standard_normal((TEST, 4), dtype=np.float32), rng.integers(0, 2, TEST), num_classes=2)
+
+
+def _run(tmp_path, monkeypatch, accuracies=(0.5,), max_failures=3, early_stop=0, **run):
+    clock = Clock()
+    monkeypatch.setattr(loop_module.time, "perf_counter", clock)
+    cfg = build_config(overrides={"run": {"epochs": 6, "batch_size": BATCH, "checkpoint_every": 10,
+                                          "max_failures": max_failures, **run},
+                                  "optim": {"early_stop": early_stop}, "resources": {"replicas": 1}})
+    out = io.StringIO()
+    failures = FailurePolicy(cfg.run.max_failures)
+    ctx = EngineContext(cfg, _data(), None, None, MetricsSink(out=out, progress=False), str(tmp_path), failures)
+    store = CheckpointStore(str(tmp_path))
+    signals = Signals()
+    return ctx, store, signals, out, clock, accuracies
+
+
+def _loop(ctx, store, signals, accuracies, clock, found=None, **engine):
+    engine = ScriptedEngine(ctx, list(accuracies), clock, stop=signals, **engine)
+    return RunLoop(engine, store, signals, found, resume_hint="runs/x"), engine
+
+
+def _names(store):
+    return [p.rsplit("/", 1)[1] for p in store.paths()]
+
+
+def test_target_accuracy_stops_at_the_first_epoch_that_reaches_it(tmp_path, monkeypatch):
+    ctx, store, signals, out, clock, acc = _run(tmp_path, monkeypatch, (0.5, 0.7, 0.9, 0.95), target_accuracy=0.85)
+    loop, engine = _loop(ctx, store, signals, acc, clock)
+    summary = loop.run()
+    assert (summary.stopped, summary.epochs, summary.test_accuracy) == ("target_accuracy", 3, 0.9)
+    assert "stopped: test accuracy 0.9000 reached the target 0.85 after epoch 3" in out.getvalue()
+    assert _names(store) == ["ckpt-000003.pt"]  # written on the stop although checkpoint_every is 10
+    assert engine.shutdowns >= 1
+
+
+def test_early_stop_after_n_evaluations_without_improvement(tmp_path, monkeypatch):
+    ctx, store, signals, out, clock, acc = _run(tmp_path, monkeypatch, (0.5, 0.6, 0.6, 0.55, 0.9), early_stop=2)
+    summary = _loop(ctx, store, signals, acc, clock)[0].run()
+    assert (summary.stopped, summary.epochs) == ("early_stop", 4)
+    assert "stopped: no better test accuracy in 2 evaluations" in out.getvalue()
+    assert _names(store) == ["ckpt-000004.pt"]
+
+
+def test_time_limit_stops_mid_epoch_and_checkpoints_there(tmp_path, monkeypatch):
+    ctx, store, signals, out, clock, acc = _run(tmp_path, monkeypatch, time_limit=3.0)
+    summary = _loop(ctx, store, signals, acc, clock)[0].run()
+    # 20 steps of 0.1 s per epoch: the limit falls 10 steps into epoch 2, where the chunk ends
+    assert (summary.stopped, summary.epochs, summary.steps) == ("time_limit", 1, 30)
+    assert summary.train_s == pytest.approx(3.0)
+    assert "stopped: time limit of 3 s reached after 1 epochs and 10 steps" in out.getvalue()
+    assert _names(store) == ["ckpt-000001-step000010.pt"]
+    state = store.load_latest()[0]
+    assert (state["epoch"], state["in_epoch"], state["step"], state["window"]["samples"]) == (1, 10, 30, 10 * BATCH)
+
+
+def test_epochs_rule_and_checkpoint_every(tmp_path, monkeypatch):
+    ctx, store, signals, out, clock, acc = _run(tmp_path, monkeypatch, checkpoint_every=4, keep_checkpoints=5)
+    summary = _loop(ctx, store, signals, acc, clock)[0].run()
+    assert (summary.stopped, summary.epochs, summary.steps) == ("epochs", 6, 120)
+    assert _names(store) == ["ckpt-000004.pt", "ckpt-000006.pt"]  # every 4, and after the last
+    assert "stopped:" not in out.getvalue()
+
+
+def test_a_signal_mid_epoch_checkpoints_and_resume_is_exact(tmp_path, monkeypatch):
+    ctx, store, signals, out, clock, acc = _run(tmp_path, monkeypatch, (0.5, 0.6, 0.7, 0.8, 0.85, 0.9))
+    straight, engine = _loop(ctx, store, signals, acc, clock)
+    want = straight.run()
+    reference = engine.params
+    stopped = tmp_path / "stopped"
+    ctx2, store2, signals2, _, clock2, _ = _run(stopped, monkeypatch)
+    first, _ = _loop(ctx2, store2, signals2, acc, clock2, stop_at=47)
+    with pytest.raises(Interrupted) as err:
+        first.run()
+    assert err.value.signum == 15 and str(err.value) == "terminated; continue with --resume runs/x"
+    assert _names(store2) == ["ckpt-000002-step000010.pt"]  # 47 -> the chunk ending at step 50
+    ctx3, _, signals3, _, clock3, _ = _run(stopped, monkeypatch)
+    second, engine2 = _loop(ctx3, store2, signals3, acc, clock3, found=store2.load_latest())
+    got = second.run()
+    assert engine2.params == reference and got.steps == want.steps == 120
+    assert [h["train_loss"] for h in got.history] == [h["train_loss"] for h in want.history]
+    assert [h["epoch"] for h in got.history] == list(range(1, 7))
+    assert got.history[2]["samples_per_s"] > 0  # the interrupted epoch's record covers both halves
+    assert got.train_samples == want.train_samples
+
+
+def test_divergence_stops_at_once_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    ctx, store, signals, out, clock, acc = _run(tmp_path, monkeypatch, checkpoint_every=1)
+    loop, engine = _loop(ctx, store, signals, acc, clock, nan_at=43)
+    with pytest.raises(Diverged) as err:
+        loop.run()
+    message = str(err.value)
+    assert "training diverged in epoch 3, step 45: the loss is nan" in message and "--lr" in message
+    assert "--resume runs/x" in message
+    assert _names(store) == ["ckpt-000001.pt", "ckpt-000002.pt"]  # nothing of the diverged epoch
+    assert engine.step == 45  # stopped at the chunk, not at the end of the epoch
+
+
+def test_a_replica_death_rewinds_to_the_last_checkpoint(tmp_path, monkeypatch):
+    ctx, store, signals, out, clock, acc = _run(tmp_path, monkeypatch, checkpoint_every=1)
+    straight, engine = _loop(ctx, store, signals, acc, clock)
+    straight.run()
+    reference = engine.params
+    ctx2, store2, signals2, out2, clock2, _ = _run(tmp_path / "b", monkeypatch, checkpoint_every=1)
+    loop, engine2 = _loop(ctx2, store2, signals2, acc, clock2, die_at=52)
+    summary = loop.run()
+    assert engine2.params == reference and engine2.starts == 2
+    assert summary.restarts == 1 and summary.failures[0]["restarted_from_epoch"] == 2
+    assert "replica 0 (pid 4242) died in epoch 3; restarting from checkpoint" in out2.getvalue()
+    assert [h["epoch"] for h in summary.history] == list(range(1, 7))  # the redone epoch once
+
+
+def test_past_max_failures_the_loop_gives_up(tmp_path, monkeypatch):
+    ctx, store, signals, out, clock, acc = _run(tmp_path, monkeypatch, max_failures=0)
+    loop, _ = _loop(ctx, store, signals, acc, clock, die_at=3)
+    with pytest.raises(ReplicaFailure) as err:
+        loop.run()
+    assert str(err.value) == ("replica 0 (pid 4242) died in epoch 1; giving up after 1 failure(s) "
+                              "(run.max_failures is 0); continue with --resume runs/x")
+
+
+def test_training_at_chance_warns_once(tmp_path, monkeypatch):
+    ctx, store, signals, out, clock, acc = _run(tmp_path, monkeypatch)
+    _loop(ctx, store, signals, acc, clock)[0].run()  # the scripted train accuracy is 0.5 with 2 classes
+    assert out.getvalue().count("warning: training accuracy has stayed at chance (0.50) for 3 epochs") == 1
