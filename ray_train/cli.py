@@ -23,8 +23,9 @@ FLAGS: list[tuple[str, str, str, type, str]] = [
     ("--placement", "resources", "placement", str, f"placement-group strategy: {', '.join(PLACEMENTS)} (default PACK)"),
     ("--epochs", "run", "epochs", int, "passes over the training set (default 12)"),
     ("--batch-size", "run", "batch_size", int, "examples per step per replica (default 64)"),
-    ("--optimizer", "optim", "optimizer", str, f"{', '.join(OPTIMIZERS)} (default momentum)"),
-    ("--lr", "optim", "lr", float, "initial learning rate (default 0.05)"),
+    ("--optimizer", "optim", "optimizer", str, f"{', '.join(OPTIMIZERS)} (default: momentum for sync and ensemble, adagrad for async)"),
+    ("--lr", "optim", "lr", float, "initial learning rate (default: the optimizer's: 0.05 for sgd, momentum, nesterov; 0.01 adagrad; "
+     "0.001 rmsprop, adam, amsgrad; 1.0 adadelta)"),
     ("--momentum", "optim", "momentum", float, "momentum mu for momentum/nesterov (default 0.9)"),
     ("--weight-decay", "optim", "weight_decay", float, "L2 on weights, not biases (default 0)"),
     ("--schedule", "optim", "schedule", str, f"learning-rate schedule: {', '.join(SCHEDULES)} (default constant)"),
@@ -50,7 +51,7 @@ FLAGS: list[tuple[str, str, str, type, str]] = [
     ("--n-push", "async", "n_push", int, "async: steps between gradient pushes (default 1)"),
     ("--max-staleness", "async", "max_staleness", int, "async: bound on pushes ahead of the slowest replica (default off)"),
     ("--staleness-lr", "async", "staleness_lr", bool, "async: scale each update by 1/max(1, staleness)"),
-    ("--warm-start-steps", "async", "warm_start_steps", int, "async: steps one replica trains alone first (default 0)"),
+    ("--warm-start-steps", "async", "warm_start_steps", int, "async: steps one replica trains alone first (default: one epoch-equivalent; 0: none)"),
     ("--snapshot-every", "async", "snapshot_every_s", float, "async: seconds between shard snapshots (default 10)"),
     ("--ps-cpus", "async", "ps_cpus", float, "async: CPUs reserved per parameter shard (default 0)"),
     # ensembles

@@ -83,10 +83,14 @@ class SharedMemoryAllreduce:
             # Python < 3.13 registers attached segments with the resource tracker too, which
             # would unlink the creator's segment when this process exits.
             resource_tracker.unregister(self.shm._name, "shared_memory")
-        self.owner = create
         self.flags = np.ndarray((world_size,), dtype=np.int64, buffer=self.shm.buf[: 8 * world_size])
         array = np.ndarray((2, world_size, numel), dtype=np.float32, buffer=self.shm.buf[header:])
         self.slots = torch.from_numpy(array)
+
+    def unlink(self) -> None:
+        """Remove the segment's name once every rank has attached: the mappings stay valid, and
+        no crash (a SIGKILL'd driver, killed actors) can leave it behind in /dev/shm."""
+        self.shm.unlink()
 
     @staticmethod
     def new_name() -> str:
@@ -124,5 +128,3 @@ class SharedMemoryAllreduce:
     def close(self) -> None:
         del self.slots, self.flags
         self.shm.close()
-        if self.owner:
-            self.shm.unlink()

@@ -157,16 +157,3 @@ class ReplicaGroup:
         for a in self.actors:
             ray.kill(a)
         remove_placement_group(self.pg)
-        if self.shm_name is not None:
-            _unlink_segment(self.shm_name)  # rank 0 unlinks it on close, but not when it was killed
-
-
-def _unlink_segment(name: str) -> None:
-    from multiprocessing import shared_memory
-
-    try:
-        segment = shared_memory.SharedMemory(name=name)
-    except FileNotFoundError:
-        return
-    segment.close()
-    segment.unlink()

@@ -71,13 +71,17 @@ class Replica:
         if shm_name is None:
             self.comm = DistAllreduce(self.ctx.world_size)
         else:
-            # Rank 0 creates the segment before the barrier, the others attach after it.
+            # Rank 0 creates the segment before the first barrier, the others attach after it;
+            # after the second, every rank holds a mapping and rank 0 removes the name.
             if self.ctx.rank == 0:
                 self.comm = SharedMemoryAllreduce(shm_name, 0, self.ctx.world_size, self.grad.numel(), create=True)
             dist.barrier()
             if self.ctx.rank != 0:
                 self.comm = SharedMemoryAllreduce(shm_name, self.ctx.rank, self.ctx.world_size,
                                                   self.grad.numel(), create=False)
+            dist.barrier()
+            if self.ctx.rank == 0:
+                self.comm.unlink()
         for p in self.model.parameters():
             dist.broadcast(p.data, src=0)
         return type(self.comm).__name__

@@ -37,7 +37,7 @@ def _cfg(storage, name, strategy="async", resources=FOUR, asyncs=None, **run):
     return build_config(overrides={
         "run": {"strategy": strategy, "epochs": EPOCHS, "storage": str(storage), "run_name": name, **run},
         "model": {"name": MODEL}, "optim": {"optimizer": OPT, "lr": LR},
-        "resources": resources, "async": {"ps_cpus": 0.1, **(asyncs or {})}})
+        "resources": resources, "async": {"ps_cpus": 0.1, "warm_start_steps": 0, **(asyncs or {})}})
 
 
 class HookedEngine(downpour.DownpourEngine):

@@ -24,6 +24,11 @@ BAD_FLAGS = [
     (["--eval-every", "0"], "run.eval_every"),
     (["--replicas", "two"], "--replicas"),
     (["--config", "/nonexistent/job.yaml"], "file not found"),
+    (["--lr", "nan"], "optim.lr: must be a finite number"),
+    (["--lr", "inf"], "optim.lr: must be a finite number"),
+    (["--momentum", "nan"], "optim.momentum: must be a finite number"),
+    (["--weight-decay", "inf"], "optim.weight_decay: must be a finite number"),
+    (["--dataset", "idx:/nonexistent/fashion"], "/nonexistent/fashion"),
 ]
 
 
@@ -89,3 +94,33 @@ def test_real_process_exit_status_and_help(entry):
     assert ok.returncode == 0
     for flag in ("--strategy", "--replicas", "--gpus-per-replica", "--config", "--eval-every"):
         assert flag in ok.stdout
+
+
+def test_a_config_file_that_is_not_utf8(capsys, tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_bytes(b"run: {epochs: 3}\n# \xff\xfe latin-1 \xe9t\xe9\n")
+    _one_line_error(capsys, ["--config", str(path)], "is not UTF-8 text")
+
+
+def test_storage_that_is_a_file(capsys, tmp_path):
+    path = tmp_path / "runs"
+    path.write_text("not a folder")
+    _one_line_error(capsys, ["--storage", str(path), "--epochs", "1"], str(path))
+
+
+def test_data_errors_come_before_ray_and_are_the_only_output(capsys, tmp_path):
+    """A corrupt IDX file: the one error line is all the user sees (Ray never starts)."""
+    import ray
+
+    folder = tmp_path / "fashion"
+    folder.mkdir()
+    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+                 "t10k-labels-idx1-ubyte"):
+        (folder / name).write_bytes(b"\x00\x00\x08\x03 truncated")
+    started = ray.is_initialized()
+    assert main(["--dataset", f"idx:{folder}", "--storage", str(tmp_path / "runs"), "--no-progress"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ray_train: error:") and "train-images-idx3-ubyte" in err[0], err
+    assert ray.is_initialized() == started

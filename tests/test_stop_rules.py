@@ -94,3 +94,27 @@ def test_the_final_model_is_saved_with_the_stopped_run(ray_cluster, tmp_path):
     summary, _ = _fit(tmp_path, "sync", "model", {"target_accuracy": TARGET})
     model = torch.load(tmp_path / "model" / "model.pt", weights_only=True)
     assert model["model_name"] == "mlp30" and model["num_classes"] == 10 and "net.1.weight" in model["model"]
+
+
+def test_divergence_is_one_line_and_exit_status_3(ray_cluster, tmp_path, capsys):
+    """A non-finite loss (momentum SGD at lr 1e38 turns net D's loss into NaN within the first
+    chunk) stops the run at once: one line naming the epoch and step and what to try, status 3."""
+    from ray_train.cli import main
+    from tests.conftest import ROOT
+
+    code = main(["--config", f"{ROOT}/configs/default.yaml", "--lr", "1e38", "--epochs", "2", "--storage", str(tmp_path),
+                 "--run-name", "diverged", "--no-progress", "--no-tensorboard"])
+    captured = capsys.readouterr()
+    err = [line for line in captured.err.splitlines() if line.startswith("ray_train:")]
+    assert code == 3, captured.err[-2000:]
+    assert len(err) == 1 and "diverged in epoch 1, step" in err[0] and "--lr" in err[0], err
+    assert "Traceback" not in captured.err
+    assert not (tmp_path / "diverged" / "summary.json").exists()
+
+
+def test_async_prints_no_ray_warning_about_constructor_arguments(ray_cluster, tmp_path, capfd):
+    """Shards and replicas get their parameters and data by a method call, so Ray has nothing to
+    warn about ("constructor arguments in the object store and max_restarts > 0")."""
+    _fit(tmp_path, "async", "quiet", {"epochs": 1})
+    captured = capfd.readouterr()
+    assert "max_restarts" not in captured.err + captured.out

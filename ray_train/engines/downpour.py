@@ -131,10 +131,11 @@ class DownpourEngine(Engine):
         self.pids = {i["rank"]: i["pid"] for i in ray.get([r.info.remote() for r in self.actors.replicas])}
         self.shard_pids = {i["index"]: i["pid"] for i in ray.get([s.info.remote() for s in self.actors.shards])}
         self.lr, self.updates0, self.window_t, self.t_first, self.steps = None, 0.0, None, None, {}
-        self.warm = cfg.async_.warm_start_steps > self.done
+        self.warm_steps = self.spe if a.warm_start_steps is None else a.warm_start_steps
+        self.warm = self.warm_steps > self.done
         self.active = {0} if self.warm else set(range(n))
         ctx.sink.say(f"async SGD (Downpour): {n} replicas, {a.ps_shards} parameter shards, fetch every {a.n_fetch}, "
-                     f"push every {a.n_push} steps" + (f", warm start {a.warm_start_steps} steps on replica 0"
+                     f"push every {a.n_push} steps" + (f", warm start {self.warm_steps} steps on replica 0"
                                                         if self.warm else ""))
 
     def train_epoch(self, epoch, lr, start, on_chunk, should_stop) -> bool:
@@ -158,7 +159,7 @@ class DownpourEngine(Engine):
                 self._rejoin(ready[0])
             else:
                 self._chunk_done(ready[0], on_chunk)
-            if self.warm and self.done >= self.ctx.cfg.async_.warm_start_steps:
+            if self.warm and self.done >= self.warm_steps:
                 self.warm = False
                 self.active |= set(range(self.ctx.cfg.resources.replicas)) - set(self.rejoining.values()) - self.lost
         self._end_epoch()
