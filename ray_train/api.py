@@ -22,6 +22,8 @@ import threading
 import time
 from collections.abc import Mapping
 
+import numpy as np
+
 from ray_train.checkpoint import RUN_FILE, CheckpointStore, write_run_file
 from ray_train.config import ConfigError, TrainConfig, UserError, build_config, load_yaml, member_config, member_specs
 from ray_train.data import Dataset, load_dataset, steps_per_epoch
@@ -38,6 +40,7 @@ def fit(config: TrainConfig | Mapping | str | None = None, model=None, data=None
     cfg = as_config(config)
     cfg, custom = _with_model(cfg, model)
     cfg, dataset = _with_data(cfg, data)
+    cfg = _with_lambda(cfg, dataset)
     # every mistake that the config and the data show is reported before Ray starts
     runs = [cfg] if cfg.run.strategy != "ensemble" else [member_config(cfg, s) for s in member_specs(cfg)]
     for checked in {(c.model.name, c.model.dropout): c for c in runs}.values():
@@ -87,6 +90,19 @@ def _with_data(cfg: TrainConfig, data) -> tuple[TrainConfig, Dataset]:
     return cfg, load_dataset(cfg.data, seed=cfg.run.seed)
 
 
+def _with_lambda(cfg: TrainConfig, data: Dataset) -> TrainConfig:
+    """Nielsen's lambda (optim.l2_lambda) as the per-step weight decay, now that the training set's
+    size is known (after the validation split and any expansion)."""
+    from ray_train.optim import weight_decay_from_lambda
+
+    o = cfg.optim
+    if o.l2_lambda is None:
+        return cfg
+    replicas = cfg.ensemble.replicas_per_member if cfg.run.strategy == "ensemble" else cfg.resources.replicas
+    decay = weight_decay_from_lambda(o.l2_lambda, len(data.y_train), cfg.run.batch_size * replicas, o.l2_cost)
+    return _replace(cfg, "optim", weight_decay=decay, l2_lambda=None)
+
+
 def model_factory(cfg: TrainConfig, data: Dataset, custom=None):
     """The zero-argument callable replicas build their network with."""
     from models import ImportedFactory, RegistryFactory
@@ -99,7 +115,7 @@ def model_factory(cfg: TrainConfig, data: Dataset, custom=None):
     if ":" in cfg.model.name:
         return ImportedFactory(cfg.model.name)
     return RegistryFactory(cfg.model.name, dropout=cfg.model.dropout, input_shape=tuple(data.input_shape),
-                           num_classes=data.num_classes)
+                           num_classes=data.num_classes, init=cfg.model.init)
 
 
 def check_model(factory, data: Dataset, cfg: TrainConfig) -> None:
@@ -209,7 +225,8 @@ def _run(cfg: TrainConfig, data: Dataset, factory, custom, tensorboard: bool, pr
     logger = TensorBoardLogger(run_dir, purge_step=purge) if tensorboard else NullLogger()
     sink = MetricsSink(logger, out=out, progress=progress, skip_logged=skip_logged)
     print(f"run {name}: {cfg.run.strategy} {cfg.model.name} on {data.name} "
-          f"({len(data.y_train)} train / {len(data.y_test)} test), logs in {run_dir}", file=out, flush=True)
+          f"({len(data.y_train)} train / " + (f"{len(data.y_val)} validation / " if data.has_validation else "")
+          + f"{len(data.y_test)} test), logs in {run_dir}", file=out, flush=True)
     data_ref = ray.put(data)
     try:
         with StopSignals() as stop:  # after ray.init: Ray installs its own SIGTERM handler there
@@ -227,6 +244,10 @@ def _run(cfg: TrainConfig, data: Dataset, factory, custom, tensorboard: bool, pr
     sink.finish(hparams=_flat_hparams(cfg),
                 metrics={"hparams/test_accuracy": summary["test_accuracy"], "hparams/wall_s": summary["wall_s"]})
     write_json(os.path.join(run_dir, "summary.json"), summary)
+    if summary.get("val_accuracy") is not None:
+        print(f"best validation accuracy {summary['val_accuracy']:.4f} after epoch {summary['best_epoch']}: test "
+              f"accuracy there {summary['best_test_accuracy']:.4f} ({summary['best_test_errors']} errors; model.pt)",
+              file=out, flush=True)
     print(f"done: test accuracy {summary['test_accuracy']:.4f} ({summary['test_errors']} errors), "
           f"{summary['samples_per_s']:,.0f} samples/s, {summary['wall_s']:.1f} s wall; "
           f"summary in {run_dir}/summary.json", file=out, flush=True)
@@ -243,12 +264,67 @@ def _run_engine(cfg, data, data_ref, factory, sink, run_dir, checkpoints, found,
 
     ctx = EngineContext(cfg, data, data_ref, factory, sink, run_dir, FailurePolicy(cfg.run.max_failures))
     summary = RunLoop(engine_class(cfg.run.strategy)(ctx), checkpoints, stop, found, resume_hint=run_dir).run()
-    save_atomic(os.path.join(run_dir, "model.pt"), {**summary.model_state, "model_name": cfg.model.name,
-                                                     "input_shape": list(data.input_shape),
-                                                     "num_classes": data.num_classes})
+    save_models(run_dir, summary, data, {"model_name": cfg.model.name})
     return summary.to_dict()
+
+
+def save_models(run_dir: str, summary, data: Dataset, extra: dict, vote: bool = False) -> None:
+    """model.pt: the network of the best-validation epoch (the figure the texts report), and
+    model-last.pt the final one. An ensemble member (``vote``) votes with its final network, so
+    there model.pt is the final network and model-best.pt the best-validation one. Each file
+    carries what scripts/evaluate.py needs to rebuild and feed the network."""
+    import torch
+
+    stats = {k: torch.from_numpy(v) for k, v in data.standardize.items()} if data.standardize else None
+    meta = {**extra, "input_shape": list(data.input_shape), "num_classes": data.num_classes, "standardize": stats}
+    best = {**(summary.best_model_state or summary.model_state), **meta, "epoch": summary.best_epoch or summary.epochs}
+    last = {**summary.model_state, **meta, "epoch": summary.epochs}
+    names = (("model.pt", last), ("model-best.pt", best)) if vote else (("model.pt", best), ("model-last.pt", last))
+    for name, state in names:
+        save_atomic(os.path.join(run_dir, name), state)
 
 
 def _flat_hparams(cfg: TrainConfig) -> dict:
     return {f"{section}.{k}": v for section, values in cfg.to_dict().items() for k, v in values.items()
             if v is not None}
+
+
+OVERFIT_EXAMPLES, OVERFIT_STEPS, OVERFIT_ERROR = 100, 400, 0.01
+
+
+def overfit_check(config=None, model=None, data=None, *, progress: bool | None = None, out=None) -> dict:
+    """The sanity check before a long run (the seed article's section 7.1): train the model on
+    about 100 training examples, without regularisation, on one replica, and see whether the
+    training error goes to (near) zero. A model, loss and optimizer that cannot overfit 100
+    examples will not learn the full set either. Returns {passed, train_error, examples, steps}."""
+    from ray_train.data import stratified_split
+
+    out = out or sys.stdout
+    cfg = as_config(config)
+    cfg, custom = _with_model(cfg, model)
+    cfg, full = _with_data(cfg, data)
+    share = min(1.0, OVERFIT_EXAMPLES / len(full.y_train))
+    idx = stratified_split(full.y_train, share, 0)[0] if share < 1 else np.arange(len(full.y_train))
+    x, y = full.x_train[idx], full.y_train[idx]
+    small = Dataset(f"{full.name}-overfit", x, y, x, y, full.num_classes)  # "test" = the same examples
+    batch = max(1, min(cfg.run.batch_size, len(y) // 5))
+    epochs = -(-OVERFIT_STEPS // (len(y) // batch))
+    rep = dataclasses.replace
+    cfg = rep(cfg, run=rep(cfg.run, strategy="sync", epochs=epochs, batch_size=batch, eval_every=epochs,
+                           target_accuracy=None, time_limit=None, resume=None,
+                           run_name=f"overfit-{cfg.run_name}", log_every=min(cfg.run.log_every, len(y) // batch)),
+              optim=rep(cfg.optim, weight_decay=0.0, l2_lambda=None, l1=0.0, schedule="constant", early_stop=0),
+              model=rep(cfg.model, dropout=0.0 if custom is None and ":" not in cfg.model.name else cfg.model.dropout),
+              data=rep(cfg.data, validation=0, expand=False),
+              resources=rep(cfg.resources, replicas=1))
+    print(f"overfit check: {cfg.model.name} on {len(y)} training examples of {full.name}, {epochs * (len(y) // batch)} "
+          f"steps of batch {batch}, no regularisation", file=out, flush=True)
+    summary = fit(cfg, model=custom, data=small, tensorboard=False, progress=progress, out=out)
+    error = 1.0 - summary["test_accuracy"]
+    passed = error <= OVERFIT_ERROR
+    verdict = ("passed: the model, loss and optimizer can fit the data" if passed else
+               f"FAILED: training error above {OVERFIT_ERROR:.0%}; check the model's output size, the loss, the "
+               "learning rate (--lr) and the labels before a long run")
+    print(f"overfit check: training error {error:.1%} on {len(y)} examples; {verdict}", file=out, flush=True)
+    return {"passed": passed, "train_error": error, "examples": len(y), "steps": summary["steps"],
+            "run_dir": os.path.join(cfg.run.storage, cfg.run.run_name)}

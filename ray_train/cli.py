@@ -8,13 +8,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ray_train.config import (ALLREDUCE, DATASETS, OPTIMIZERS, PLACEMENTS, SCHEDULES, STRATEGIES, UserError,
-                              build_config, load_yaml)
+from ray_train.config import (ALLREDUCE, DATASETS, INITS, LOSSES, OPTIMIZERS, PLACEMENTS, SCHEDULES, STRATEGIES,
+                              UserError, build_config, load_yaml)
 
 # flag -> (section, field, type, help); one table, so the YAML keys and the flags cannot drift apart.
 FLAGS: list[tuple[str, str, str, type, str]] = [
     ("--strategy", "run", "strategy", str, f"training strategy: {', '.join(STRATEGIES)} (default sync)"),
-    ("--model", "model", "name", str, "network from models/: mlp30, mlp100, net_b, net_c, net_d, net_h (default net_d)"),
+    ("--model", "model", "name", str, "network from models/ (mlp30, mlp100, net_a, net_b, net_c, net_d, net_d_maxout, net_h; default net_d) "
+     "or package.module:function"),
     ("--dataset", "data", "dataset", str, f"{', '.join(DATASETS)} (default mnist5k, embedded)"),
     ("--data-dir", "data", "data_dir", str, "folder with the four MNIST IDX files (else downloaded to the cache)"),
     ("--replicas", "resources", "replicas", int, "replica actors (default 2)"),
@@ -27,9 +28,19 @@ FLAGS: list[tuple[str, str, str, type, str]] = [
     ("--lr", "optim", "lr", float, "initial learning rate (default: the optimizer's: 0.05 for sgd, momentum, nesterov; 0.01 adagrad; "
      "0.001 rmsprop, adam, amsgrad; 1.0 adadelta)"),
     ("--momentum", "optim", "momentum", float, "momentum mu for momentum/nesterov (default 0.9)"),
-    ("--weight-decay", "optim", "weight_decay", float, "L2 on weights, not biases (default 0)"),
+    ("--weight-decay", "optim", "weight_decay", float, "L2 per step on weights, not biases (default 0)"),
+    ("--l2-lambda", "optim", "l2_lambda", float, "Nielsen's L2 lambda instead of --weight-decay: the per-step decay "
+     "is derived from it and the training-set size (see --l2-cost)"),
+    ("--l2-cost", "optim", "l2_cost", str, "how lambda enters the cost: network2 (ch. 3, decay lambda/n) or network3 "
+     "(ch. 6 conv nets, decay lambda*m/n) (default network2)"),
+    ("--l1", "optim", "l1", float, "L1 regularisation: gradient += L1 * sign(w) on weights (default 0)"),
+    ("--max-norm", "optim", "max_norm", float, "max-norm constraint: after each step every unit's incoming weights "
+     "are scaled to norm <= C (sync, ensemble; default off)"),
+    ("--loss", "model", "loss", str, f"cost: {', '.join(LOSSES)} (default log_likelihood: softmax outputs)"),
+    ("--init", "model", "init", str, f"weight initialisation: {', '.join(INITS)} (scaled: N(0, 1/n_in), default; "
+     "normal: N(0, 1))"),
     ("--schedule", "optim", "schedule", str, f"learning-rate schedule: {', '.join(SCHEDULES)} (default constant)"),
-    ("--early-stop", "optim", "early_stop", int, "stop after N evaluations without improvement (default 0: off)"),
+    ("--early-stop", "optim", "early_stop", int, "stop after N evaluations without a better validation accuracy (default 0: off)"),
     ("--dropout", "model", "dropout", float, "dropout on fully connected layers (default: the network's own)"),
     ("--seed", "run", "seed", int, "seed for initialisation and data order (default 0)"),
     ("--run-name", "run", "run_name", str, "run folder name (default <strategy>-<model>-<time>)"),
@@ -38,12 +49,17 @@ FLAGS: list[tuple[str, str, str, type, str]] = [
     ("--log-every", "run", "log_every", int, "steps between streamed training metrics (default 10)"),
     ("--allreduce", "run", "allreduce", str, f"gradient averaging for sync: {', '.join(ALLREDUCE)} (default auto)"),
     ("--expand", "data", "expand", bool, "add Nielsen's 1-pixel shifted copies of the training data (5x)"),
+    ("--validation", "data", "validation", float, "share of the training set held out for validation, which the "
+     "schedule, early stopping, target accuracy and model.pt read (default: the dataset's own: mnist the last 10,000, "
+     "mnist5k 500, others 0.1; 0: none)"),
+    ("--standardize", "data", "standardize", bool, "standardise inputs with the training split's mean and std "
+     "(kept in model.pt)"),
     # checkpoints, resume, failures, stop conditions (every strategy)
     ("--resume", "run", "resume", str, "continue the run in this folder (runs/<name>) from its last checkpoint"),
     ("--checkpoint-every", "run", "checkpoint_every", int, "epochs between checkpoints (default 1)"),
     ("--keep-checkpoints", "run", "keep_checkpoints", int, "most recent checkpoints kept (default 3)"),
     ("--max-failures", "run", "max_failures", int, "replica failures survived before giving up (default 3)"),
-    ("--target-accuracy", "run", "target_accuracy", float, "stop once test accuracy reaches this, 0-1 (default off)"),
+    ("--target-accuracy", "run", "target_accuracy", float, "stop once validation accuracy (test without a validation split) reaches this, 0-1 (default off)"),
     ("--time-limit", "run", "time_limit", float, "stop after this many seconds of training (default off)"),
     # async (Downpour SGD)
     ("--ps-shards", "async", "ps_shards", int, "async: parameter-server shards (default 2)"),
@@ -80,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             p.add_argument(flag, type=typ, default=None, help=help_)
     p.add_argument("--no-tensorboard", action="store_true", help="write no event files")
+    p.add_argument("--overfit-check", action="store_true",
+                   help="instead of training: fit ~100 training examples without regularisation on one replica and "
+                   "report whether the training error goes to ~0 (exit 0 if it does, 4 if not)")
     bar = p.add_mutually_exclusive_group()
     bar.add_argument("--progress", dest="progress", action="store_true", default=None,
                      help="show progress bars even when stdout is not a terminal")
@@ -122,7 +141,7 @@ def _resume_values(run_dir: str, values: dict, overrides: dict) -> dict:
 
 
 # Exit statuses (README): 0 done, 1 replicas died too often, 2 user error, 3 diverged,
-# 130 interrupted (SIGINT), 143 terminated (SIGTERM).
+# 4 the overfit check failed, 130 interrupted (SIGINT), 143 terminated (SIGTERM).
 def main(argv: list[str] | None = None) -> int:
     try:
         cfg, args = parse_config(argv)
@@ -131,6 +150,10 @@ def main(argv: list[str] | None = None) -> int:
         from ray_train.loop import Diverged, Interrupted
 
         try:
+            if args.overfit_check:
+                from ray_train.api import overfit_check
+
+                return 0 if overfit_check(cfg, progress=args.progress)["passed"] else 4
             fit(cfg, tensorboard=not args.no_tensorboard, progress=args.progress)
         except Diverged as exc:
             return _fail(f"diverged: {exc}", 3)

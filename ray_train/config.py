@@ -27,6 +27,9 @@ DEFAULT_LR = {"sgd": 0.05, "momentum": 0.05, "nesterov": 0.05, "adagrad": 0.01, 
               "adadelta": 1.0, "adam": 0.001, "amsgrad": 0.001}
 SCHEDULES = ("constant", "step", "inverse", "plateau")
 ALLREDUCE = ("auto", "gloo", "nccl", "shm")
+INITS = ("scaled", "normal")
+LOSSES = ("log_likelihood", "cross_entropy", "quadratic")
+L2_COSTS = ("network2", "network3")
 PLACEMENTS = ("PACK", "SPREAD")
 MNIST_MIRROR = "https://storage.googleapis.com/cvdf-datasets/mnist/"
 
@@ -88,6 +91,14 @@ class DataConfig:
     expand: bool = False
     """Nielsen's expansion: add copies of every training image shifted by one pixel up, down,
     left and right (5x the training data)."""
+    validation: float | None = None
+    """Share of the training set held out for validation (stratified), which schedules, early
+    stopping, target accuracy and the best model read; None: the dataset's own (mnist: the last
+    10,000 images, as Nielsen; mnist5k: 500 of the 4,000; synthetic: none; others: 0.1); 0: none
+    (the test set is then what those read, as before)."""
+    standardize: bool = False
+    """Standardise every input element with the training split's mean and standard deviation
+    (kept in model.pt and applied by scripts/evaluate.py)."""
     synthetic_train: int = 4096
     """Training examples of the synthetic dataset."""
     synthetic_test: int = 1024
@@ -102,6 +113,10 @@ class DataConfig:
         for name in ("synthetic_train", "synthetic_test"):
             _integer("data", name, getattr(self, name))
             _positive("data", name, getattr(self, name))
+        if self.validation is not None:
+            _positive("data", "validation", self.validation, zero_ok=True)
+            if self.validation >= 1:
+                raise ConfigError(f"data.validation: a share of the training set in [0, 1), got {self.validation!r}")
 
 
 @dataclass(frozen=True)
@@ -114,8 +129,17 @@ class ModelConfig:
     """Dropout probability on fully connected layers of a registry network; None keeps the
     network's own default."""
 
+    init: str = "scaled"
+    """Weight initialisation of a registry network: scaled (N(0, 1/n_in), Nielsen's default from
+    ch. 3 on) or normal (N(0, 1), his large_weight_initializer of ch. 1 and of the 96.49% run)."""
+    loss: str = "log_likelihood"
+    """The cost (ray_train/losses.py): log_likelihood (softmax outputs), cross_entropy (sigmoid
+    outputs, Nielsen ch. 3) or quadratic (sigmoid outputs, ch. 1)."""
+
     def __post_init__(self) -> None:
         _model_name("model.name", self.name)
+        _choice("model", "init", self.init, INITS)
+        _choice("model", "loss", self.loss, LOSSES)
         if self.dropout is not None and not (0.0 <= self.dropout < 1.0):
             raise ConfigError(f"model.dropout: must be in [0, 1), got {self.dropout!r}")
 
@@ -130,23 +154,34 @@ class OptimConfig:
     momentum: float = 0.9
     """mu for momentum and nesterov."""
     weight_decay: float = 0.0
-    """L2 coefficient applied to weights only, never biases (Nielsen's lambda/n)."""
+    """L2 coefficient per step (gradient += weight_decay * w), weights only, never biases."""
+    l2_lambda: float | None = None
+    """Nielsen's lambda instead of weight_decay: the per-step decay is derived from it and the
+    training-set size (optim.weight_decay_from_lambda), as l2_cost says his program does."""
+    l2_cost: str = "network2"
+    """How lambda enters the cost: network2 (ch. 3: C0 + lambda/2n sum w^2, decay lambda/n) or
+    network3 (ch. 6's conv nets: + 0.5 lambda sum w^2 / num_training_batches, decay lambda m/n)."""
+    l1: float = 0.0
+    """L1 coefficient (Nielsen ch. 3): gradient += l1 * sign(w), weights only."""
+    max_norm: float | None = None
+    """Max-norm constraint: after each step every unit's incoming weight vector is scaled back to
+    norm <= max_norm (sync and ensemble)."""
     schedule: str = "constant"
-    """constant; step (x gamma every step_size epochs); inverse (eta_0 * tau / max(t, tau),
-    t in epochs); plateau (halve when test accuracy stalls for patience epochs, down to
-    lr / lr_floor_div)."""
+    """constant; step (x gamma every step_size epochs); inverse (eta_0 * tau / max(t, tau), t in
+    iterations); plateau (halve when validation accuracy stalls for patience epochs; training
+    ends when the rate reaches lr / lr_floor_div)."""
     step_size: int = 10
     """Epochs between decays of the step schedule."""
     gamma: float = 0.5
     """Decay factor of the step schedule."""
-    tau: float = 10.0
-    """tau of the inverse schedule, in epochs."""
+    tau: float = 1000.0
+    """tau of the inverse schedule, in iterations (steps)."""
     patience: int = 3
     """Epochs without improvement before the plateau schedule halves the rate."""
     lr_floor_div: float = 128.0
-    """The plateau schedule stops halving at lr / lr_floor_div (Nielsen: 128 or 1024)."""
+    """The plateau schedule ends training when the rate reaches lr / lr_floor_div (Nielsen: 128)."""
     early_stop: int = 0
-    """Stop after this many evaluations without a better test accuracy (0: never)."""
+    """Stop after this many evaluations without a better validation accuracy (0: never)."""
 
     def __post_init__(self) -> None:
         if self.optimizer is not None:
@@ -156,6 +191,14 @@ class OptimConfig:
             _positive("optim", "lr", self.lr)
         _positive("optim", "momentum", self.momentum, zero_ok=True)
         _positive("optim", "weight_decay", self.weight_decay, zero_ok=True)
+        _positive("optim", "l1", self.l1, zero_ok=True)
+        _choice("optim", "l2_cost", self.l2_cost, L2_COSTS)
+        if self.l2_lambda is not None:
+            _positive("optim", "l2_lambda", self.l2_lambda, zero_ok=True)
+            if self.weight_decay:
+                raise ConfigError("optim.l2_lambda: give Nielsen's lambda or weight_decay, not both")
+        if self.max_norm is not None:
+            _positive("optim", "max_norm", self.max_norm)
         for name in ("step_size", "patience", "early_stop"):
             _integer("optim", name, getattr(self, name))
         _positive("optim", "step_size", self.step_size)
@@ -413,6 +456,9 @@ class TrainConfig:
         lr = self.optim.lr if self.optim.lr is not None else DEFAULT_LR[optimizer]
         if (optimizer, lr) != (self.optim.optimizer, self.optim.lr):
             object.__setattr__(self, "optim", dataclasses.replace(self.optim, optimizer=optimizer, lr=lr))
+        if self.run.strategy == "async" and self.optim.max_norm is not None:
+            raise ConfigError("optim.max_norm: the parameter server applies async updates; max-norm is for sync "
+                              "and ensemble")
 
     @property
     def run_name(self) -> str:

@@ -8,6 +8,7 @@ Pure numpy + torch: the driver loads a Dataset once and ``ray.put``s it; replica
 """
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import hashlib
 import http.client
@@ -41,6 +42,8 @@ IDX_IMAGES, IDX_LABELS = 0x00000803, 0x00000801
 DOWNLOAD_TIMEOUT_S = 30
 SPLIT_SEED = 0  # mnist5k's train/test split never depends on the run's seed
 MNIST5K_TRAIN = 0.8
+MNIST5K_VAL = 500  # of mnist5k's 4,000 training digits, held out for validation (stratified)
+DEFAULT_VALIDATION = 0.1  # the share held out of a dataset that brings no validation split
 
 
 class DataError(UserError):
@@ -60,10 +63,15 @@ class Dataset:
     x_test: np.ndarray
     y_test: np.ndarray
     num_classes: int | None = None
+    x_val: np.ndarray | None = None  # the validation split, held out of training (load_dataset)
+    y_val: np.ndarray | None = None
+    standardize: dict | None = None  # {"mean", "std"} arrays from the training split, once applied
 
     def __post_init__(self) -> None:
         fix = object.__setattr__
-        for split in ("train", "test"):
+        if (self.x_val is None) != (self.y_val is None):
+            raise DataError("x_val and y_val come together: give both or neither")
+        for split in ("train", "test") + (("val",) if self.x_val is not None else ()):
             x, y = _inputs(f"x_{split}", getattr(self, f"x_{split}")), _labels(f"y_{split}", getattr(self, f"y_{split}"))
             if len(x) != len(y):
                 raise DataError(f"x_{split} has {len(x)} examples but y_{split} has {len(y)} labels")
@@ -74,7 +82,10 @@ class Dataset:
         if self.x_train.shape[1:] != self.x_test.shape[1:]:
             raise DataError(f"x_train's examples have shape {list(self.x_train.shape[1:])} but x_test's "
                             f"{list(self.x_test.shape[1:])}")
-        top = int(max(self.y_train.max(), self.y_test.max()))
+        if self.x_val is not None and self.x_train.shape[1:] != self.x_val.shape[1:]:
+            raise DataError(f"x_train's examples have shape {list(self.x_train.shape[1:])} but x_val's "
+                            f"{list(self.x_val.shape[1:])}")
+        top = int(max(self.y_train.max(), self.y_test.max(), self.y_val.max() if self.y_val is not None else 0))
         if self.num_classes is None:
             fix(self, "num_classes", top + 1)
         elif top >= self.num_classes:
@@ -83,6 +94,10 @@ class Dataset:
     @property
     def input_shape(self) -> tuple[int, ...]:
         return tuple(self.x_train.shape[1:])
+
+    @property
+    def has_validation(self) -> bool:
+        return self.y_val is not None
 
 
 def _inputs(name: str, x) -> np.ndarray:
@@ -129,13 +144,58 @@ def load_dataset(cfg: DataConfig, seed: int = 0, arrays: Dataset | None = None) 
         data = _npz(os.path.expanduser(cfg.dataset[4:]))
     else:  # DataConfig validated the name already
         raise AssertionError(cfg.dataset)
+    data = split_validation(data, cfg.validation)
     if cfg.expand:
         if data.x_train.ndim != 4:
             raise DataError(f"data.expand: the 1-pixel shifts need images [N, C, H, W]; {data.name}'s inputs "
                             f"are {list(data.input_shape)}")
         x, y = expand_shifts(data.x_train, data.y_train)
-        data = Dataset(data.name, x, y, data.x_test, data.y_test, data.num_classes)
+        data = dataclasses.replace(data, x_train=x, y_train=y)
+    if cfg.standardize:
+        data = standardized(data)
     return data
+
+
+def split_validation(data: Dataset, fraction: float | None) -> Dataset:
+    """Hold a validation split out of the training set, which schedules, early stopping, target
+    accuracy and the best-model choice read (never the test set). ``fraction`` None takes the
+    dataset's own: mnist the last 10,000 of its 60,000 training images (Nielsen's 50k/10k),
+    mnist5k a stratified 500 of its 4,000, synthetic none (benchmark data), any other a stratified
+    10%; a split the user gave (Dataset x_val/y_val) is kept. 0 disables it; another fraction
+    holds out that stratified share of any dataset."""
+    if fraction == 0:
+        return dataclasses.replace(data, x_val=None, y_val=None)
+    if data.has_validation and fraction is None:
+        return data
+    n = len(data.y_train)
+    if fraction is None and data.name == "mnist" and n == 60_000:
+        train, val = np.arange(50_000), np.arange(50_000, 60_000)
+    elif fraction is None and data.name == "synthetic":
+        return data
+    else:
+        share = (MNIST5K_VAL / n if data.name == "mnist5k" else DEFAULT_VALIDATION) if fraction is None else fraction
+        train, val = stratified_split(data.y_train, 1.0 - share, SPLIT_SEED)
+        if not len(val) or not len(train):
+            raise DataError(f"data.validation: a {share:g} share of {data.name}'s {n} training examples leaves "
+                            f"{len(train)} to train on and {len(val)} to validate; give another --validation or 0")
+    return dataclasses.replace(data, x_train=data.x_train[train], y_train=data.y_train[train],
+                               x_val=data.x_train[val], y_val=data.y_train[val])
+
+
+def standardized(data: Dataset) -> Dataset:
+    """Inputs standardised with the training split's statistics only (per input element: mean 0,
+    standard deviation 1; an element constant over the training set is only centred). The same
+    transform applies to validation and test data and is kept (``standardize``) for model.pt."""
+    x = to_tensor(data.x_train).numpy()
+    mean = x.mean(axis=0, dtype=np.float64).astype(np.float32)
+    std = x.std(axis=0, dtype=np.float64).astype(np.float32)
+    std[std < 1e-6] = 1.0
+
+    def apply(a):
+        return None if a is None else (to_tensor(a).numpy() - mean) / std
+
+    return dataclasses.replace(data, x_train=apply(data.x_train), x_val=apply(data.x_val), x_test=apply(data.x_test),
+                               standardize={"mean": mean, "std": std})
 
 
 # -- transforms and sharding ------------------------------------------------------------------

@@ -23,7 +23,7 @@ from ray_train.engines.base import EngineContext
 from ray_train.engines.sync import SyncEngine
 from ray_train.ensemble_member import EnsembleMember
 from ray_train.failure import FailurePolicy, ReplicaFailure
-from ray_train.files import save_atomic, write_json
+from ray_train.files import write_json
 from ray_train.loop import Interrupted, RunLoop, Summary
 from ray_train.metrics import error_grid, is_image
 from ray_train.voting import vote_report
@@ -64,7 +64,7 @@ def member_dir(run_dir: str, index: int) -> str:
 # -- one member's life --------------------------------------------------------------------------
 def run_member(cfg: TrainConfig, spec: MemberSpec, data, data_ref, custom, sink, run_dir: str, stop) -> MemberResult:
     """Train one member to the end; past run.max_failures deaths, a result the vote leaves out."""
-    from ray_train.api import model_factory
+    from ray_train.api import model_factory, save_models
 
     if stop():
         raise Interrupted(stop.signum or 2, run_dir)
@@ -84,10 +84,8 @@ def run_member(cfg: TrainConfig, spec: MemberSpec, data, data_ref, custom, sink,
                  "other members without it")
         child.say(f"WARNING: {error}")
         return MemberResult(spec, None, failures.failures[:-1], error)  # the last death was not restarted
-    save_atomic(os.path.join(member_dir(run_dir, k), "model.pt"),
-                {"model": summary.model_state["model"], "spec": dataclasses.asdict(spec),
-                 "input_shape": list(data.input_shape), "num_classes": data.num_classes,
-                 "test_accuracy": summary.test_accuracy, "test_errors": summary.test_errors})
+    save_models(member_dir(run_dir, k), summary, data, {"spec": dataclasses.asdict(spec), "test_accuracy": summary.test_accuracy,
+                                                        "test_errors": summary.test_errors}, vote=True)
     return MemberResult(spec, summary, summary.failures)
 
 
@@ -167,7 +165,7 @@ def ensemble_history(ok: list[MemberResult]) -> list[dict]:
         recs = [h[e] for h in histories if len(h) > e]
         rec = {"epoch": e + 1, "members": len(recs)}
         for key in ("lr", "train_loss", "train_accuracy", "samples_per_s", "epoch_s", "test_loss", "test_accuracy",
-                    "test_errors"):
+                    "test_errors", "val_loss", "val_accuracy"):
             vals = [r[key] for r in recs if r.get(key) is not None]
             rec[key] = float(np.mean(vals)) if vals else None
         out.append(rec)
@@ -178,7 +176,8 @@ def member_summary(r: MemberResult) -> dict:
     s = r.summary
     ran = {"test_accuracy": s.test_accuracy, "test_errors": s.test_errors, "test_loss": s.test_loss,
            "epochs": s.epochs, "train_samples": s.train_samples, "train_s": s.train_s, "stopped": s.stopped,
-           "distinct_examples": s.extras["distinct_examples"]} if s else {}
+           "distinct_examples": s.extras["distinct_examples"], "best_epoch": s.best_epoch,
+           "val_accuracy": s.val_accuracy, "best_test_accuracy": s.best_test_accuracy} if s else {}
     return {**dataclasses.asdict(r.spec), "status": "ok" if r.ok else "failed", "test_accuracy": None,
             "test_errors": None, **ran, "restarts": len(r.failures),
             "resumed_from_epochs": [f["restarted_from_epoch"] for f in r.failures], "error": r.error or None}

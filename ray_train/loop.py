@@ -43,11 +43,12 @@ class Progress:
     samples: int = 0
     history: list = field(default_factory=list)
     window: dict = field(default_factory=lambda: {"loss_sum": 0.0, "correct": 0, "samples": 0, "elapsed": 0.0})
+    best: dict | None = None  # the best-validation epoch: its figures and its model (model_state)
 
 
 @dataclass
 class Summary:
-    stopped: str  # epochs, target_accuracy, early_stop or time_limit
+    stopped: str  # epochs, target_accuracy, early_stop, lr_floor or time_limit
     stop_reason: str
     epochs: int
     steps: int
@@ -57,17 +58,23 @@ class Summary:
     test_accuracy: float
     test_errors: int
     test_loss: float
+    best_epoch: int | None  # the epoch of best validation accuracy (of best test accuracy without validation)
+    val_accuracy: float | None  # at best_epoch
+    best_test_accuracy: float | None  # test accuracy at best_epoch: the figure the texts report
+    best_test_errors: int | None
     failures: list
     restarts: int
     history: list
     extras: dict
     evaluation: EvalResult  # the final test evaluation (probabilities for an ensemble's vote)
-    model_state: dict  # the final network, for model.pt
+    model_state: dict  # the final network
+    best_model_state: dict | None  # the network at best_epoch (model.pt); None without evaluations
 
     def to_dict(self) -> dict:
         """summary.json's keys (asdict would deep-copy the model's tensors)."""
         out = {f.name: getattr(self, f.name) for f in fields(self)}
-        return {k: v for k, v in out.items() if k not in ("extras", "evaluation", "model_state")} | self.extras
+        return {k: v for k, v in out.items()
+                if k not in ("extras", "evaluation", "model_state", "best_model_state")} | self.extras
 
 
 class RunLoop:
@@ -114,8 +121,9 @@ class RunLoop:
             due = ((epoch + 1) % cfg.run.eval_every == 0 or epoch + 1 == cfg.run.epochs or self.stop_signal()
                    or self._time_up())
             evaluation = self.engine.evaluate("test") if due else None
-            self._end_epoch(epoch, lr, evaluation)
-            stop = self._stop_rule(evaluation)
+            validation = self.engine.evaluate("val") if self.ctx.data.has_validation else None
+            watched = self._end_epoch(epoch, lr, evaluation, validation)
+            stop = self._stop_rule(watched)
             if stop is not None or p.epoch % cfg.run.checkpoint_every == 0:
                 self._checkpoint()
             if self.engine.overlaps_evaluation:  # its actors trained on meanwhile
@@ -149,19 +157,30 @@ class RunLoop:
         self.progress.train_s += elapsed
         self.progress.window["elapsed"] += elapsed
 
-    def _end_epoch(self, epoch: int, lr: float, evaluation: EvalResult | None) -> None:
+    def _end_epoch(self, epoch: int, lr: float, evaluation: EvalResult | None,
+                   validation: EvalResult | None) -> EvalResult | None:
+        """Record the epoch; returns what schedules and stop rules read: the validation result,
+        or the test result where the data has no validation split."""
         p, w = self.progress, self.progress.window
-        if evaluation is not None and not math.isfinite(evaluation.loss):
-            raise Diverged(f"training diverged in epoch {epoch + 1}: the test loss is {evaluation.loss}; "
-                           "lower the learning rate (--lr)")
+        for name, result in (("test", evaluation), ("validation", validation)):
+            if result is not None and not math.isfinite(result.loss):
+                raise Diverged(f"training diverged in epoch {epoch + 1}: the {name} loss is {result.loss}; "
+                               "lower the learning rate (--lr)")
         samples = max(w["samples"], 1)
         record = {"epoch": epoch + 1, "lr": lr, "train_loss": w["loss_sum"] / samples,
                   "train_accuracy": w["correct"] / samples, "samples_per_s": w["samples"] / max(w["elapsed"], 1e-9),
-                  "epoch_s": w["elapsed"], "test_loss": None, "test_accuracy": None, "test_errors": None}
+                  "epoch_s": w["elapsed"], "test_loss": None, "test_accuracy": None, "test_errors": None,
+                  "val_loss": None, "val_accuracy": None}
         if evaluation is not None:
             record.update(test_loss=evaluation.loss, test_accuracy=evaluation.accuracy, test_errors=evaluation.errors)
-            self.schedule.observe(epoch, evaluation.accuracy)
             self.last_eval = (p.step, evaluation)
+        if validation is not None:
+            record.update(val_loss=validation.loss, val_accuracy=validation.accuracy)
+        watched = validation if self.ctx.data.has_validation else evaluation
+        if watched is not None:
+            self.schedule.observe(epoch, watched.accuracy)
+            if p.best is None or watched.accuracy > p.best["watched"]:
+                self._keep_best(epoch, watched, validation, evaluation)
         p.history.append(record)
         self.sink.end_epoch(record, p.step)
         weights = self.engine.weights()
@@ -169,6 +188,18 @@ class RunLoop:
             self.sink.weights(weights, p.step)
         self._warn_at_chance(record)
         p.epoch, p.in_epoch, p.window = epoch + 1, 0, Progress().window
+        return watched
+
+    def _keep_best(self, epoch: int, watched: EvalResult, validation: EvalResult | None,
+                   evaluation: EvalResult | None) -> None:
+        """A new best (validation) accuracy: keep its figures, the test result of this very model
+        (evaluated now if this epoch's test evaluation was not due) and the model itself."""
+        if evaluation is None:
+            evaluation = self.engine.evaluate("test")
+        self.progress.best = {"epoch": epoch + 1, "watched": watched.accuracy,
+                              "val_accuracy": None if validation is None else validation.accuracy,
+                              "test_accuracy": evaluation.accuracy, "test_errors": evaluation.errors,
+                              "model_state": self.engine.model_state()}
 
     def _warn_at_chance(self, record: dict) -> None:
         chance = 1.0 / self.ctx.data.num_classes
@@ -184,11 +215,15 @@ class RunLoop:
         target, limit = cfg.run.target_accuracy, cfg.run.time_limit
         if self.stop_signal():
             return "interrupted", "stopped by a signal"
+        split = "validation" if self.ctx.data.has_validation else "test"
         if evaluation is not None and target is not None and evaluation.accuracy >= target:
-            return "target_accuracy", (f"test accuracy {evaluation.accuracy:.4f} reached the target {target:g} "
+            return "target_accuracy", (f"{split} accuracy {evaluation.accuracy:.4f} reached the target {target:g} "
                                        f"after epoch {p.epoch}")
         if self.schedule.should_stop:
-            return "early_stop", f"no better test accuracy in {cfg.optim.early_stop} evaluations"
+            return "early_stop", f"no better {split} accuracy in {cfg.optim.early_stop} evaluations"
+        if self.schedule.floor_reached:
+            return "lr_floor", (f"the plateau schedule halved the learning rate down to eta0/{cfg.optim.lr_floor_div:g} "
+                                f"({self.schedule.current:.3g}) and {split} accuracy still stalled")
         if self._time_up():
             return "time_limit", f"time limit of {limit:g} s reached after {p.epoch} epochs and {p.in_epoch} steps"
         if p.epoch >= cfg.run.epochs:
@@ -207,7 +242,7 @@ class RunLoop:
                                   f"({self.cfg.model.name}/{self.cfg.optim.optimizer}): {exc}") from None
         if state is not None:
             self.progress = Progress(state["epoch"], state["step"], state["in_epoch"], state["train_s"],
-                                     state["samples"], list(state["history"]), dict(state["window"]))
+                                     state["samples"], list(state["history"]), dict(state["window"]), state.get("best"))
             self.schedule.load_state_dict(state["schedule"])
 
     def _checkpoint(self) -> None:
@@ -216,7 +251,7 @@ class RunLoop:
         p = self.progress
         self.checkpoints.save(p.epoch, {
             "epoch": p.epoch, "step": p.step, "in_epoch": p.in_epoch, "train_s": p.train_s, "samples": p.samples,
-            "history": list(p.history), "window": dict(p.window), "schedule": self.schedule.state_dict(),
+            "history": list(p.history), "window": dict(p.window), "schedule": self.schedule.state_dict(), "best": p.best,
             "failures": list(self.ctx.failures.failures), "engine": self.engine.state()}, p.in_epoch)
 
     def _recover(self, died: ReplicaDied) -> tuple[dict, str] | None:
@@ -249,7 +284,9 @@ class RunLoop:
             evaluation = self.engine.evaluate("test")
         data = self.ctx.data
         self.sink.confusion(data.y_test, evaluation.preds, data.num_classes, p.step)
-        failures = self.ctx.failures.failures
+        failures, best = self.ctx.failures.failures, p.best or {}
         return Summary(stopped, reason, p.epoch, p.step, p.samples, p.train_s, p.samples / max(p.train_s, 1e-9),
-                       evaluation.accuracy, evaluation.errors, evaluation.loss, list(failures), len(failures),
-                       list(p.history), self.engine.extras(), evaluation, self.engine.model_state())
+                       evaluation.accuracy, evaluation.errors, evaluation.loss, best.get("epoch"),
+                       best.get("val_accuracy"), best.get("test_accuracy"), best.get("test_errors"), list(failures),
+                       len(failures), list(p.history), self.engine.extras(), evaluation, self.engine.model_state(),
+                       best.get("model_state"))

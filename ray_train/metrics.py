@@ -150,7 +150,7 @@ def _is_terminal(stream) -> bool:
 
 
 class MetricsSink:
-    """Tags (README lists them): train/loss, train/accuracy, lr, test/loss, test/accuracy,
+    """Tags (README lists them): train/loss, train/accuracy, lr, val/loss, val/accuracy, test/loss, test/accuracy,
     throughput/samples_per_s, time/step_ms/replica_<k>, weights/<name>, test/confusion_matrix;
     engines add their own (ps/*, ensemble/*) through ``scalar``, ``histogram`` and ``image``.
 
@@ -215,12 +215,15 @@ class MetricsSink:
         """The per-epoch scalars and one line on stdout."""
         self._close_bar()
         for key, tag in (("lr", "lr"), ("samples_per_s", "throughput/samples_per_s"),
-                         ("test_loss", "test/loss"), ("test_accuracy", "test/accuracy")):
+                         ("test_loss", "test/loss"), ("test_accuracy", "test/accuracy"),
+                         ("val_loss", "val/loss"), ("val_accuracy", "val/accuracy")):
             if record.get(key) is not None:
                 self.scalar(tag, record[key], step)
         test = ""
+        if record.get("val_accuracy") is not None:
+            test = f"  val acc {record['val_accuracy']:.4f}"
         if record.get("test_accuracy") is not None:
-            test = f"  test loss {record['test_loss']:.4f} acc {record['test_accuracy']:.4f}"
+            test += f"  test loss {record['test_loss']:.4f} acc {record['test_accuracy']:.4f}"
         line = (f"epoch {record['epoch']:>3}  loss {record['train_loss']:.4f}  train acc "
                 f"{record['train_accuracy']:.4f}{test}  {record['samples_per_s']:,.0f} samples/s")
         print(f"{self.label} {line}" if self.label else line, file=self.out, flush=True)

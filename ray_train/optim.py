@@ -62,6 +62,36 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
+def weight_decay_from_lambda(lmbda: float, n: int, batch: int, cost: str) -> float:
+    """Nielsen's L2 lambda as the per-step decay of torch's optimizers (gradient += decay * w),
+    for a training set of ``n`` examples and a (global) mini-batch of ``batch``.
+
+    network2 (ch. 3) minimises C0 + lambda/(2n) sum w^2 with C0 the mean cost over the training
+    set, so each mini-batch step decays by lambda/n (lambda 5, n 50,000: 1e-4). network3 (ch. 6,
+    nets D and E) adds 0.5 lambda sum w^2 / num_training_batches to the mean mini-batch cost, so
+    the decay is lambda / (n / batch) = lambda batch / n (net D: 0.1 * 10 / 50,000 = 2e-5)."""
+    if cost == "network2":
+        return lmbda / n
+    if cost == "network3":
+        return lmbda * batch / n
+    raise ConfigError(f"optim.l2_cost: unknown value {cost!r}; allowed: network2, network3")
+
+
+def max_norm_(params, c: float) -> None:
+    """Project every unit's incoming weight vector (each row of a weight: dim 0 indexes the
+    units) to norm <= c; biases are left alone."""
+    with torch.no_grad():
+        for p in params:
+            if p.dim() > 1:
+                p.copy_(torch.renorm(p, 2, 0, c))
+
+
+def inverse_lr(cfg: OptimConfig, iteration: int) -> float:
+    """The inverse schedule eta0 * tau / max(t, tau) at 1-based ``iteration`` t: constant for the
+    first tau iterations, then falling as 1/t (t counts iterations, as the text says)."""
+    return cfg.lr * cfg.tau / max(iteration, cfg.tau)
+
+
 class Schedule:
     """Driver-side learning-rate schedule and early stopping; pure Python, so every replica (or
     parameter-server shard) receives the same rate from the driver."""
@@ -74,14 +104,14 @@ class Schedule:
         self.best_epoch = -1
         self.stalls = 0  # observations since the last improvement (early stopping)
         self.plateau_stalls = 0  # the same, but reset whenever the plateau schedule halves
+        self.floor_reached = False  # the plateau schedule reached eta0 / lr_floor_div: training ends
 
     def lr(self, epoch: int) -> float:
-        """The rate for 0-based ``epoch``."""
+        """The rate for 0-based ``epoch`` (the inverse schedule's eta0: replicas and shards apply
+        it per iteration, inverse_lr)."""
         cfg = self.cfg
         if cfg.schedule == "step":
             return cfg.lr * cfg.gamma ** (epoch // cfg.step_size)
-        if cfg.schedule == "inverse":
-            return cfg.lr * cfg.tau / max(epoch, cfg.tau)
         if cfg.schedule == "plateau":
             return self.current
         return cfg.lr
@@ -95,8 +125,10 @@ class Schedule:
         self.stalls += 1
         self.plateau_stalls += 1
         if self.cfg.schedule == "plateau" and self.plateau_stalls >= self.cfg.patience:
-            self.current = max(self.current / 2, self.floor)
+            self.current /= 2
             self.plateau_stalls = 0
+            if self.current <= self.floor * (1 + 1e-9):  # Nielsen: stop once eta is eta0/128
+                self.current, self.floor_reached = self.floor, True
 
     @property
     def should_stop(self) -> bool:
@@ -105,7 +137,8 @@ class Schedule:
     def state_dict(self) -> dict:
         """Plain JSON-able values (no infinities: ``best`` is None before any observation)."""
         return {"lr": self.current, "best": None if self.best == -math.inf else self.best,
-                "best_epoch": self.best_epoch, "stalls": self.stalls, "plateau_stalls": self.plateau_stalls}
+                "best_epoch": self.best_epoch, "stalls": self.stalls, "plateau_stalls": self.plateau_stalls,
+                "floor_reached": self.floor_reached}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore what ``state_dict`` returned."""
@@ -114,3 +147,4 @@ class Schedule:
         self.best_epoch = int(state["best_epoch"])
         self.stalls = int(state["stalls"])
         self.plateau_stalls = int(state["plateau_stalls"])
+        self.floor_reached = bool(state.get("floor_reached", False))

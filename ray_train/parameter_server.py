@@ -19,7 +19,7 @@ from ray_train.checkpoint import load_checked
 from ray_train.cluster import tune_malloc
 from ray_train.files import save_atomic
 from ray_train.config import OptimConfig
-from ray_train.optim import build_optimizer, set_lr
+from ray_train.optim import build_optimizer, inverse_lr, set_lr
 
 
 def split_bounds(n: int, k: int) -> list[tuple[int, int]]:
@@ -65,6 +65,7 @@ class ParameterShard:
         self.param.grad = torch.zeros_like(flat)
         self.opt = build_optimizer([("slice", self.param)], dataclasses.replace(optim, weight_decay=0.0))
         self.lr = optim.lr
+        self.optim = optim  # the inverse schedule's rate is computed per update (per version)
         self.mask = None
         if self.weight_decay > 0 and decay:
             self.mask = torch.zeros_like(flat)
@@ -97,12 +98,9 @@ class ParameterShard:
         np.copyto(self.param.grad.numpy(), grad, casting="no")
         if self.mask is not None:
             self.param.grad.add_(self.param.detach() * self.mask, alpha=self.weight_decay)
-        if self.staleness_lr and staleness > 1:
-            set_lr(self.opt, self.lr / staleness)
-            self.opt.step()
-            set_lr(self.opt, self.lr)
-        else:
-            self.opt.step()
+        lr = inverse_lr(self.optim, self.version + 1) if self.optim.schedule == "inverse" else self.lr
+        set_lr(self.opt, lr / staleness if self.staleness_lr and staleness > 1 else lr)
+        self.opt.step()
         self.version += 1
         self.stale_count += 1
         self.stale_sum += staleness

@@ -6,17 +6,18 @@ from __future__ import annotations
 import os
 import time
 from datetime import timedelta
+from functools import partial
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from ray_train import losses
 from ray_train.cluster import ReplicaContext, free_port, node_address, tune_malloc
 from ray_train.comm import DistAllreduce, SharedMemoryAllreduce, flatten_grads
 from ray_train.config import TrainConfig
 from ray_train.data import Dataset, eval_shard, shard_batches, to_tensor
 from ray_train.evaluation import predict
-from ray_train.optim import build_optimizer, set_lr
+from ray_train.optim import build_optimizer, inverse_lr, max_norm_, set_lr
 
 PG_TIMEOUT = timedelta(seconds=120)
 
@@ -26,10 +27,6 @@ def pick_device(ctx: ReplicaContext) -> torch.device:
     if ctx.num_gpus > 0 and torch.cuda.is_available():
         return torch.device("cuda", 0)
     return torch.device("cpu")
-
-
-def sum_cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits, y, reduction="sum")
 
 
 class Replica:
@@ -103,6 +100,7 @@ class Replica:
         self.model.train()
         self.batches = shard_batches(len(self.data.y_train), self.ctx.world_size, self.ctx.rank,
                                      self.cfg.run.batch_size, self.cfg.run.seed, epoch)
+        self.iteration0 = epoch * len(self.batches)  # steps before this epoch (the inverse schedule's t)
         self.cursor = start
         return len(self.batches)
 
@@ -112,8 +110,11 @@ class Replica:
         correct = torch.zeros((), dtype=torch.int64, device=self.device)
         step_ms = np.empty(n, dtype=np.float32)
         todo = self.batches[self.cursor : self.cursor + n]
+        inverse = self.cfg.optim.schedule == "inverse"
         for i, idx in enumerate(todo):
             t0 = time.perf_counter()
+            if inverse:
+                set_lr(self.opt, inverse_lr(self.cfg.optim, self.iteration0 + self.cursor + i + 1))
             loss, hits = self.step(idx)
             loss_sum += loss
             correct += hits
@@ -129,6 +130,8 @@ class Replica:
         if self.comm is not None:
             self.comm.mean_(self.grad)
         self.opt.step()
+        if self.cfg.optim.max_norm is not None:
+            max_norm_(self.params, self.cfg.optim.max_norm)
         return loss, hits
 
     def batch(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,9 +143,13 @@ class Replica:
     def gradients(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """This batch's gradient into ``self.grad``; returns the loss and the correct count."""
         out = self.model(x)
-        loss = F.cross_entropy(out, y)
+        loss = losses.loss(self.cfg.model.loss, out, y)
         self.grad.zero_()  # not opt.zero_grad(): the grads must stay views into self.grad
         loss.backward()
+        if self.cfg.optim.l1:  # L1 (Nielsen ch. 3): l1 * sign(w) on weights, not biases
+            for p in self.params:
+                if p.dim() > 1:
+                    p.grad.add_(torch.sign(p.detach()), alpha=self.cfg.optim.l1)
         return loss.detach(), (out.argmax(1) == y).sum()
 
     # -- evaluation and state ----------------------------------------------------------------
@@ -151,7 +158,7 @@ class Replica:
         x, y = getattr(self.data, f"x_{split}"), getattr(self.data, f"y_{split}")
         idx = eval_shard(len(y), self.ctx.world_size, self.ctx.rank)
         lo, hi = (int(idx[0]), int(idx[-1]) + 1) if len(idx) else (0, 0)
-        loss_sum, probs = predict(self.model, x[lo:hi], y[lo:hi], sum_cross_entropy, self.device,
+        loss_sum, probs = predict(self.model, x[lo:hi], y[lo:hi], partial(losses.summed, self.cfg.model.loss), self.device,
                                   self.data.num_classes)
         return {"start": lo, "loss_sum": loss_sum, "probs": probs}
 

@@ -59,7 +59,9 @@ def load_ensemble(run_dir: str) -> tuple[list[dict], list, np.ndarray, dict]:
         model = ImportedFactory(name)() if ":" in name else build_model(
             name, dropout=state["spec"]["dropout"], input_shape=shape, num_classes=state.get("num_classes", 10))
         model.load_state_dict(state["model"])
-        models.append(model.eval())
+        model.eval()
+        model.standardize = state.get("standardize")  # the training split's statistics, if the run used them
+        models.append(model)
     return voting, models, np.asarray(info["weights"], dtype=np.float64), config
 
 
@@ -69,10 +71,15 @@ def probabilities(models: list, x: np.ndarray, batch_size: int = 1000) -> np.nda
 
     from ray_train.data import to_tensor
 
+    def inputs(model, part):
+        t = to_tensor(part)
+        stats = getattr(model, "standardize", None)
+        return t if stats is None else (t - stats["mean"]) / stats["std"]
+
     out = []
     with torch.no_grad():
         for model in models:
-            parts = [torch.softmax(model(to_tensor(x[s : s + batch_size])), dim=1).numpy()
+            parts = [torch.softmax(model(inputs(model, x[s : s + batch_size])), dim=1).numpy()
                      for s in range(0, len(x), batch_size)]
             out.append(np.concatenate(parts))
     return np.stack(out)
@@ -123,7 +130,8 @@ def evaluate(run_dir: str, images: str | None = None) -> dict:
         return {"images": [{"index": i, "vote": int(v), "votes": votes[:, i].tolist(), "soft_vote": int(soft[i]),
                             "soft_probability": float(mean[i, soft[i]])}
                            for i, v in enumerate(majority_vote(probs, weights))]}
-    config = {**config, "data": {**config.get("data", {}), "expand": False}}  # the test set only
+    # the test set only, raw: each member applies its own stored standardisation
+    config = {**config, "data": {**config.get("data", {}), "expand": False, "standardize": False}}
     data = load_dataset(build_config(config).data, seed=config.get("run", {}).get("seed", 0))
     probs = probabilities(models, data.x_test)
     y = data.y_test

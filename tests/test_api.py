@@ -107,7 +107,7 @@ def test_a_batch_larger_than_a_replicas_share_is_an_error(tmp_path):
         ray_train.fit(_cfg(tmp_path, "sync", "big", run={"batch_size": 512}),
                       model=lambda: nn.Sequential(nn.Flatten(), nn.Linear(192, 4)),
                       data=ray_train.Dataset("blobs", *blobs()))
-    assert "run.batch_size: 512 is larger than a replica's share of the training set (240 examples" in str(err.value)
+    assert "run.batch_size: 512 is larger than a replica's share of the training set (216 examples" in str(err.value)
 
 
 # -- the command line: a user's module, IDX folders and .npz files ------------------------------------

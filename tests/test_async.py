@@ -106,7 +106,7 @@ def test_four_replicas_converge_like_sync(runs):
     print(f"sync {sync['test_accuracy']:.4f} async {plain['test_accuracy']:.4f}")
     assert sync["test_accuracy"] > 0.8  # both really learned
     assert plain["test_accuracy"] >= sync["test_accuracy"] - 0.015
-    assert plain["steps"] == EPOCHS * (4000 // 64) and plain["train_samples"] == plain["steps"] * 64
+    assert plain["steps"] == EPOCHS * (3500 // 64) and plain["train_samples"] == plain["steps"] * 64  # 500 validate
     assert plain["failures"] == [] and plain["restarts"] == 0
     assert len(plain["history"]) == EPOCHS
 
@@ -127,7 +127,7 @@ def test_tensorboard_holds_the_ps_tags(runs):
     acc.Reload()
     for tag in ("ps/staleness_mean", "ps/updates_per_s", "test/accuracy", "test/loss", "train/loss",
                 "train/accuracy", *(f"throughput/steps_per_s/replica_{r}" for r in range(4))):
-        assert len(acc.Scalars(tag)) >= (EPOCHS if not tag.startswith("train/") else EPOCHS * 6), tag
+        assert len(acc.Scalars(tag)) >= (EPOCHS if not tag.startswith("train/") else EPOCHS * (3500 // 64) // 10), tag
     assert len(acc.Histograms("ps/staleness")) == EPOCHS
     assert all(e.value > 0 for e in acc.Scalars("ps/updates_per_s"))
 
@@ -170,9 +170,9 @@ def test_a_killed_shard_is_restored_from_its_snapshot(ray_cluster, tmp_path, mon
     assert len(summary["failures"]) == 1 and summary["restarts"] == 1
     failure = summary["failures"][0]
     assert failure["kind"] == "shard" and failure["shard"] == 0 and failure["pid"] == killed[0]
-    assert 0 < failure["restored_version"] <= 2 * (4000 // 64)
-    assert 0 <= failure["updates_lost_min"] <= failure["updates_lost"] <= 2 * (4000 // 64) - failure["restored_version"]
-    assert summary["steps"] == 2 * (4000 // 64)
+    assert 0 < failure["restored_version"] <= 2 * (3500 // 64)
+    assert 0 <= failure["updates_lost_min"] <= failure["updates_lost"] <= 2 * (3500 // 64) - failure["restored_version"]
+    assert summary["steps"] == 2 * (3500 // 64)
     assert summary["test_accuracy"] > 0.7  # training went on from the restored parameters
 
 
@@ -184,7 +184,7 @@ def test_resume_continues_from_the_checkpoint(ray_cluster, tmp_path):
     second = _execute(cfg)
     assert [h["epoch"] for h in second["history"]] == [1, 2]
     assert second["history"][0]["test_accuracy"] == first["test_accuracy"]
-    assert second["steps"] == second["updates"] == 2 * (4000 // 64)  # the shards' versions came back too
+    assert second["steps"] == second["updates"] == 2 * (3500 // 64)  # the shards' versions came back too
     assert second["train_samples"] == 2 * first["train_samples"]
     assert second["test_accuracy"] > first["test_accuracy"]
 

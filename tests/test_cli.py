@@ -124,3 +124,15 @@ def test_data_errors_come_before_ray_and_are_the_only_output(capsys, tmp_path):
     err = captured.err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("ray_train: error:") and "train-images-idx3-ubyte" in err[0], err
     assert ray.is_initialized() == started
+
+
+def test_help_lists_the_texts_options(capsys):
+    import pytest as _pytest
+
+    with _pytest.raises(SystemExit) as done:
+        main(["--help"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ("--validation", "--standardize", "--loss", "--init", "--l1", "--l2-lambda", "--l2-cost", "--max-norm",
+                 "--overfit-check", "--schedule"):
+        assert flag in out, flag

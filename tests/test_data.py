@@ -84,11 +84,11 @@ def test_mnist_download_verifies_caches_and_reloads_offline(tiny_mnist, trust_fi
     trust_files(folder)
     cache = tmp_path / "cache"
     with serve(folder) as url:
-        _check_tiny(load_dataset(DataConfig(dataset="mnist", mirror=url, cache_dir=str(cache))), arrays)
+        _check_tiny(load_dataset(DataConfig(dataset="mnist", validation=0, mirror=url, cache_dir=str(cache))), arrays)
     assert sorted(os.listdir(cache)) == sorted(MNIST_FILES.values())  # no temp files left behind
     assert capsys.readouterr().err.count("downloading") == 4
     # server gone: everything must come from the cache
-    _check_tiny(load_dataset(DataConfig(dataset="mnist", mirror=CLOSED, cache_dir=str(cache))), arrays)
+    _check_tiny(load_dataset(DataConfig(dataset="mnist", validation=0, mirror=CLOSED, cache_dir=str(cache))), arrays)
     assert "downloading" not in capsys.readouterr().err
 
 
@@ -98,13 +98,13 @@ def test_mnist_data_dir_needs_no_download(tiny_mnist, tmp_path):
     name = MNIST_FILES["x_test"]
     (folder / name[:-3]).write_bytes(gzip.decompress((folder / name).read_bytes()))
     (folder / name).unlink()
-    cfg = DataConfig(dataset="mnist", data_dir=str(folder), mirror=CLOSED, cache_dir=str(tmp_path / "cache"))
+    cfg = DataConfig(dataset="mnist", validation=0, data_dir=str(folder), mirror=CLOSED, cache_dir=str(tmp_path / "cache"))
     _check_tiny(load_dataset(cfg), arrays)
     assert not (tmp_path / "cache").exists()
 
 
 def test_mnist_offline_points_at_data_dir(tmp_path):
-    cfg = DataConfig(dataset="mnist", mirror=CLOSED, cache_dir=str(tmp_path / "cache"))
+    cfg = DataConfig(dataset="mnist", validation=0, mirror=CLOSED, cache_dir=str(tmp_path / "cache"))
     with pytest.raises(DataError, match="could not download http://127.0.0.1:1/.*--data-dir"):
         load_dataset(cfg)
     assert os.listdir(tmp_path / "cache") == []
@@ -117,7 +117,7 @@ def test_mnist_hash_mismatch_leaves_nothing_in_cache(tiny_mnist, trust_files, tm
     data_mod.MNIST_SHA256[name] = "0" * 64
     cache = tmp_path / "cache"
     with serve(folder) as url, pytest.raises(DataError, match=f"{name}: SHA-256 mismatch.*expected 0{{64}}"):
-        load_dataset(DataConfig(dataset="mnist", mirror=url, cache_dir=str(cache)))
+        load_dataset(DataConfig(dataset="mnist", validation=0, mirror=url, cache_dir=str(cache)))
     assert os.listdir(cache) == []
 
 
@@ -128,7 +128,7 @@ def test_mnist_corrupt_cache_file_is_downloaded_again(tiny_mnist, trust_files, t
     cache.mkdir()
     (cache / MNIST_FILES["y_test"]).write_bytes(b"garbage")
     with serve(folder) as url:
-        _check_tiny(load_dataset(DataConfig(dataset="mnist", mirror=url, cache_dir=str(cache))), arrays)
+        _check_tiny(load_dataset(DataConfig(dataset="mnist", validation=0, mirror=url, cache_dir=str(cache))), arrays)
 
 
 @pytest.mark.parametrize("damage,message", [
@@ -141,7 +141,7 @@ def test_mnist_bad_file_in_data_dir(tiny_mnist, tmp_path, damage, message):
     name = MNIST_FILES["x_test"]
     path = folder / name
     path.write_bytes(gzip.compress(damage(gzip.decompress(path.read_bytes()))))
-    cfg = DataConfig(dataset="mnist", data_dir=str(folder), mirror=CLOSED, cache_dir=str(tmp_path / "cache"))
+    cfg = DataConfig(dataset="mnist", validation=0, data_dir=str(folder), mirror=CLOSED, cache_dir=str(tmp_path / "cache"))
     with pytest.raises(DataError, match=message) as err:
         load_dataset(cfg)
     assert name in str(err.value) and "delete it" in str(err.value)
@@ -150,7 +150,7 @@ def test_mnist_bad_file_in_data_dir(tiny_mnist, tmp_path, damage, message):
 def test_mnist_image_and_label_counts_must_agree(tiny_mnist, tmp_path):
     folder, arrays = tiny_mnist
     (folder / MNIST_FILES["y_train"]).write_bytes(_idx(arrays["y_train"][:19]))  # raw, not gzipped
-    cfg = DataConfig(dataset="mnist", data_dir=str(folder), mirror=CLOSED, cache_dir=str(tmp_path / "cache"))
+    cfg = DataConfig(dataset="mnist", validation=0, data_dir=str(folder), mirror=CLOSED, cache_dir=str(tmp_path / "cache"))
     with pytest.raises(DataError, match="20 images but .* 19 labels"):
         load_dataset(cfg)
 
@@ -167,14 +167,14 @@ def test_read_idx_raw_and_gzip(tmp_path):
 
 # -- mnist5k and synthetic ------------------------------------------------------------------------
 def test_mnist5k_split_is_fixed_stratified_and_disjoint():
-    ds = load_dataset(DataConfig(), seed=0)
+    ds = load_dataset(DataConfig(validation=0), seed=0)
     assert ds.name == "mnist5k" and ds.num_classes == 10
     assert ds.x_train.shape == (4000, 1, 28, 28) and ds.x_test.shape == (1000, 1, 28, 28)
     assert ds.x_train.dtype == np.uint8 and ds.y_train.dtype == np.int64 and ds.y_test.dtype == np.int64
     assert ds.x_train.max() > 200  # pixels are 0..255, not already scaled
     overall = np.bincount(np.concatenate([ds.y_train, ds.y_test]), minlength=10) / 5000
     assert np.abs(np.bincount(ds.y_test, minlength=10) / 1000 - overall).max() <= 0.01
-    other = load_dataset(DataConfig(), seed=123)
+    other = load_dataset(DataConfig(validation=0), seed=123)
     np.testing.assert_array_equal(ds.y_test, other.y_test)
     np.testing.assert_array_equal(ds.x_test, other.x_test)
     # disjoint by index, and no test image is a byte-identical copy of a training image
@@ -293,7 +293,7 @@ def test_mnist_missing_on_mirror_names_the_http_status(tiny_mnist, tmp_path):
     folder, _ = tiny_mnist
     (folder / MNIST_FILES["x_train"]).unlink()
     with serve(folder) as url, pytest.raises(DataError, match="HTTP 404 .*--data-dir"):
-        load_dataset(DataConfig(dataset="mnist", mirror=url, cache_dir=str(tmp_path / "cache")))
+        load_dataset(DataConfig(dataset="mnist", validation=0, mirror=url, cache_dir=str(tmp_path / "cache")))
     assert os.listdir(tmp_path / "cache") == []
 
 
@@ -321,44 +321,44 @@ def _idx_folder(folder, n_train=30, n_test=12, side=16, classes=3, gz=True):
 @pytest.mark.parametrize("gz", [True, False])
 def test_idx_folder_gives_its_own_image_size_and_classes(tmp_path, gz):
     arrays = _idx_folder(tmp_path / "kmnist", gz=gz)
-    data = load_dataset(DataConfig(dataset=f"idx:{tmp_path / 'kmnist'}"))
+    data = load_dataset(DataConfig(validation=0, dataset=f"idx:{tmp_path / 'kmnist'}"))
     assert data.name == "kmnist" and data.num_classes == 3 and data.input_shape == (1, 16, 16)
     assert data.x_train.dtype == np.uint8 and np.array_equal(data.x_train[:, 0], arrays["x_train"])
     assert data.y_test.dtype == np.int64 and np.array_equal(data.y_test, arrays["y_test"])
-    expanded = load_dataset(DataConfig(dataset=f"idx:{tmp_path / 'kmnist'}", expand=True))
+    expanded = load_dataset(DataConfig(validation=0, dataset=f"idx:{tmp_path / 'kmnist'}", expand=True))
     assert len(expanded.y_train) == 5 * 30 and expanded.input_shape == (1, 16, 16)
 
 
 def test_idx_folder_errors_name_the_file(tmp_path):
     with pytest.raises(DataError, match="folder not found"):
-        load_dataset(DataConfig(dataset=f"idx:{tmp_path / 'nope'}"))
+        load_dataset(DataConfig(validation=0, dataset=f"idx:{tmp_path / 'nope'}"))
     _idx_folder(tmp_path / "half")
     os.remove(tmp_path / "half" / "t10k-labels-idx1-ubyte.gz")
     with pytest.raises(DataError, match="t10k-labels-idx1-ubyte \\(or t10k-labels-idx1-ubyte.gz\\) is missing"):
-        load_dataset(DataConfig(dataset=f"idx:{tmp_path / 'half'}"))
+        load_dataset(DataConfig(validation=0, dataset=f"idx:{tmp_path / 'half'}"))
     _idx_folder(tmp_path / "bad")
     (tmp_path / "bad" / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(b"\x00\x00\x08\x03\x00\x00"))
     with pytest.raises(DataError, match="truncated"):
-        load_dataset(DataConfig(dataset=f"idx:{tmp_path / 'bad'}"))
+        load_dataset(DataConfig(validation=0, dataset=f"idx:{tmp_path / 'bad'}"))
 
 
 def test_npz_file(tmp_path):
     rng = np.random.default_rng(1)
     x, y = rng.standard_normal((20, 5)), rng.integers(0, 4, 20)
     np.savez(tmp_path / "table.npz", x_train=x[:15], y_train=y[:15], x_test=x[15:], y_test=y[15:])
-    data = load_dataset(DataConfig(dataset=f"npz:{tmp_path / 'table.npz'}"))
+    data = load_dataset(DataConfig(validation=0, dataset=f"npz:{tmp_path / 'table.npz'}"))
     assert data.name == "table" and data.input_shape == (5,) and data.x_train.dtype == np.float32
     assert data.num_classes == int(y.max()) + 1
     np.savez(tmp_path / "partial.npz", x_train=x, y_train=y)
     with pytest.raises(DataError, match="no array 'x_test'; it holds x_train, y_train"):
-        load_dataset(DataConfig(dataset=f"npz:{tmp_path / 'partial.npz'}"))
+        load_dataset(DataConfig(validation=0, dataset=f"npz:{tmp_path / 'partial.npz'}"))
     (tmp_path / "junk.npz").write_text("not a zip")
     with pytest.raises(DataError, match="not a readable .npz"):
-        load_dataset(DataConfig(dataset=f"npz:{tmp_path / 'junk.npz'}"))
+        load_dataset(DataConfig(validation=0, dataset=f"npz:{tmp_path / 'junk.npz'}"))
     with pytest.raises(DataError, match="file not found"):
-        load_dataset(DataConfig(dataset=f"npz:{tmp_path / 'missing.npz'}"))
+        load_dataset(DataConfig(validation=0, dataset=f"npz:{tmp_path / 'missing.npz'}"))
     with pytest.raises(DataError, match="need images"):
-        load_dataset(DataConfig(dataset=f"npz:{tmp_path / 'table.npz'}", expand=True))
+        load_dataset(DataConfig(validation=0, dataset=f"npz:{tmp_path / 'table.npz'}", expand=True))
 
 
 def test_dataset_from_arrays_of_any_shape():

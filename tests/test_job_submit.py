@@ -162,7 +162,7 @@ def test_default_job_under_ray_job_submit(ray_head):
     # the driver joined the job's cluster (no local one), trained an epoch, pointed at TensorBoard
     assert "Connecting to existing Ray cluster" in logs
     assert "Started a local Ray instance" not in logs
-    assert re.search(r"^epoch\s+1\s+loss \d+\.\d+\s+train acc 0\.\d+\s+test loss \d+\.\d+ acc 0\.\d+", logs, re.M), logs
+    assert re.search(r"^epoch\s+1\s+loss \d+\.\d+\s+train acc 0\.\d+\s+val acc 0\.\d+\s+test loss \d+\.\d+ acc 0\.\d+", logs, re.M), logs
     assert f"watch it: tensorboard --logdir {storage}" in logs
 
     run_dir = os.path.join(storage, "job")

@@ -93,12 +93,12 @@ def _data():
                    rng.standard_normal((TEST, 4), dtype=np.float32), rng.integers(0, 2, TEST), num_classes=2)
 
 
-def _run(tmp_path, monkeypatch, accuracies=(0.5,), max_failures=3, early_stop=0, **run):
+def _run(tmp_path, monkeypatch, accuracies=(0.5,), max_failures=3, early_stop=0, optim=None, **run):
     clock = Clock()
     monkeypatch.setattr(loop_module.time, "perf_counter", clock)
     cfg = build_config(overrides={"run": {"epochs": 6, "batch_size": BATCH, "checkpoint_every": 10,
                                           "max_failures": max_failures, **run},
-                                  "optim": {"early_stop": early_stop}, "resources": {"replicas": 1}})
+                                  "optim": {"early_stop": early_stop, **(optim or {})}, "resources": {"replicas": 1}})
     out = io.StringIO()
     failures = FailurePolicy(cfg.run.max_failures)
     ctx = EngineContext(cfg, _data(), None, None, MetricsSink(out=out, progress=False), str(tmp_path), failures)
@@ -215,3 +215,13 @@ def test_training_at_chance_warns_once(tmp_path, monkeypatch):
     ctx, store, signals, out, clock, acc = _run(tmp_path, monkeypatch)
     _loop(ctx, store, signals, acc, clock)[0].run()  # the scripted train accuracy is 0.5 with 2 classes
     assert out.getvalue().count("warning: training accuracy has stayed at chance (0.50) for 3 epochs") == 1
+
+
+def test_the_plateau_schedule_ends_training_at_its_floor(tmp_path, monkeypatch):
+    """Nielsen: halve eta whenever accuracy stalls, and stop once it is eta0/lr_floor_div."""
+    optim = {"lr": 0.4, "schedule": "plateau", "patience": 1, "lr_floor_div": 4.0}
+    ctx, store, signals, out, clock, acc = _run(tmp_path, monkeypatch, (0.5, 0.5, 0.5, 0.5, 0.5), optim=optim)
+    summary = _loop(ctx, store, signals, acc, clock)[0].run()
+    assert (summary.stopped, summary.epochs) == ("lr_floor", 3)
+    assert [h["lr"] for h in summary.history] == [0.4, 0.4, 0.2]
+    assert "halved the learning rate down to eta0/4 (0.1)" in out.getvalue()

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from ray_train.config import ConfigError, OptimConfig
-from ray_train.optim import Schedule, build_optimizer, param_groups, set_lr
+from ray_train.optim import Schedule, build_optimizer, inverse_lr, param_groups, set_lr
 
 
 def _model() -> nn.Module:
@@ -98,13 +98,39 @@ def _rates(cfg: OptimConfig, epochs: int) -> list[float]:
     return [schedule.lr(e) for e in range(epochs)]
 
 
-def test_constant_step_and_inverse_schedules():
+def test_constant_and_step_schedules():
     assert _rates(OptimConfig(lr=0.1, schedule="constant"), 4) == [0.1] * 4
     assert _rates(OptimConfig(lr=0.8, schedule="step", step_size=2, gamma=0.5), 7) == \
         [0.8, 0.8, 0.4, 0.4, 0.2, 0.2, 0.1]
-    # eta0 * tau / max(t, tau) with tau = 2: flat for t <= 2, then 1/t.
-    assert _rates(OptimConfig(lr=0.6, schedule="inverse", tau=2.0), 7) == \
-        pytest.approx([0.6, 0.6, 0.6, 0.4, 0.3, 0.24, 0.2])
+
+
+def test_inverse_schedule_counts_iterations():
+    # eta_t = eta0 * tau / max(t, tau), t the 1-based iteration, tau = 2: flat for t <= 2, then 1/t.
+    cfg = OptimConfig(lr=0.6, schedule="inverse", tau=2.0)
+    assert [inverse_lr(cfg, t) for t in range(1, 8)] == pytest.approx([0.6, 0.6, 0.4, 0.3, 0.24, 0.2, 0.6 * 2 / 7])
+    assert _rates(cfg, 3) == [0.6] * 3  # per epoch the driver hands out eta0; the steps apply eta_t
+
+
+def test_a_replica_applies_the_inverse_schedule_every_iteration():
+    """Inside an epoch the rate falls step by step: after k steps of epoch 1 (spe steps each) the
+    optimizer holds eta_t of iteration spe + k."""
+    from ray_train.api import model_factory
+    from ray_train.cluster import ReplicaContext
+    from ray_train.config import build_config
+    from ray_train.data import load_dataset
+    from ray_train.replica import Replica
+
+    cfg = build_config(overrides={"run": {"batch_size": 16}, "model": {"name": "mlp30"},
+                                  "data": {"dataset": "synthetic", "synthetic_train": 160, "synthetic_test": 16},
+                                  "optim": {"optimizer": "sgd", "lr": 0.5, "schedule": "inverse", "tau": 4.0},
+                                  "resources": {"replicas": 1}})
+    data = load_dataset(cfg.data)
+    replica = Replica(ReplicaContext(0, 1, 1, 0, 0), cfg, data, model_factory(cfg, data))
+    spe = replica.set_epoch(1, 0.5)
+    for k in (1, 3):
+        replica.train_steps(1 if k == 1 else 2)
+        assert replica.opt.param_groups[0]["lr"] == pytest.approx(inverse_lr(cfg.optim, spe + k))
+        assert replica.opt.param_groups[0]["lr"] == pytest.approx(0.5 * 4 / (spe + k))
 
 
 def _observe(schedule: Schedule, accuracies: list[float]) -> list[float]:
@@ -116,13 +142,30 @@ def _observe(schedule: Schedule, accuracies: list[float]) -> list[float]:
     return rates
 
 
-def test_plateau_halves_after_patience_stalls_and_stops_at_floor():
+def test_plateau_halves_after_patience_stalls_and_ends_training_at_the_floor():
     schedule = Schedule(OptimConfig(lr=1.0, schedule="plateau", patience=2, lr_floor_div=4.0))
-    # 0.5 best; two stalls -> 0.5; improvement; two stalls -> 0.25 (the floor); stalls stay at it.
-    rates = _observe(schedule, [0.5, 0.4, 0.5, 0.6, 0.6, 0.1, 0.2, 0.3, 0.3, 0.3])
-    assert rates == [1.0, 1.0, 1.0, 0.5, 0.5, 0.5, 0.25, 0.25, 0.25, 0.25]
-    assert schedule.lr(10) == 0.25
+    # 0.5 best; two stalls -> 0.5; improvement; two stalls -> 0.25 = eta0/4: training ends there.
+    rates, ends = [], []
+    for epoch, acc in enumerate([0.5, 0.4, 0.5, 0.6, 0.6, 0.1]):
+        rates.append(schedule.lr(epoch))
+        schedule.observe(epoch, acc)
+        ends.append(schedule.floor_reached)
+    assert rates == [1.0, 1.0, 1.0, 0.5, 0.5, 0.5]
+    assert ends == [False] * 5 + [True] and schedule.lr(6) == 0.25
     assert (schedule.best, schedule.best_epoch) == (0.6, 3)
+
+
+def test_plateau_ends_at_eta0_over_128_after_seven_halvings():
+    """Nielsen: halve eta whenever validation accuracy stalls; stop once eta is eta0/128."""
+    schedule = Schedule(OptimConfig(lr=0.5, schedule="plateau", patience=1, lr_floor_div=128.0))
+    rates = []
+    for epoch in range(20):
+        rates.append(schedule.lr(epoch))
+        schedule.observe(epoch, 0.9)  # never better than the first
+        if schedule.floor_reached:
+            break
+    assert rates == [0.5 / 2 ** k for k in (0, 0, 1, 2, 3, 4, 5, 6)]
+    assert schedule.lr(epoch + 1) == 0.5 / 128 and epoch == 7
 
 
 def test_plateau_counter_resets_on_improvement():
@@ -137,7 +180,7 @@ def test_other_schedules_ignore_plateaus():
 
 
 def test_early_stopping_after_n_stalls_and_not_before():
-    schedule = Schedule(OptimConfig(early_stop=3))
+    schedule = Schedule(OptimConfig(lr=0.1, early_stop=3))
     stops = []
     for epoch, acc in enumerate([0.5, 0.6, 0.6, 0.55, 0.7, 0.7, 0.6, 0.65]):
         schedule.observe(epoch, acc)
@@ -147,7 +190,7 @@ def test_early_stopping_after_n_stalls_and_not_before():
 
 
 def test_early_stopping_off_by_default():
-    schedule = Schedule(OptimConfig())
+    schedule = Schedule(OptimConfig(lr=0.1))
     for epoch in range(50):
         schedule.observe(epoch, 0.1)
     assert not schedule.should_stop
@@ -173,3 +216,23 @@ def test_state_dict_round_trip_gives_identical_future():
         trace.append((rates, stops, s.best, s.best_epoch))
     assert trace[0] == trace[1]
     assert trace[0][0][0] == 0.5 and trace[0][1][-1] is True
+
+
+def test_one_adadelta_step_is_the_rho_only_rule():
+    """AdaDelta (Zeiler 2012) has no learning rate: with the default rate 1.0 one step is
+    E[g2] = rho E[g2] + (1 - rho) g2; dx = -sqrt(E[dx2] + eps) / sqrt(E[g2] + eps) g;
+    E[dx2] = rho E[dx2] + (1 - rho) dx2."""
+    from ray_train.config import DEFAULT_LR
+
+    rho, eps = 0.95, 1e-6
+    w = nn.Parameter(torch.tensor([0.5, -1.0, 2.0]))
+    opt = build_optimizer([("w", w)], OptimConfig(optimizer="adadelta", lr=DEFAULT_LR["adadelta"]))
+    sq_g, sq_dx, x = torch.zeros(3), torch.zeros(3), w.detach().clone()
+    for g in (torch.tensor([0.3, -0.2, 1.0]), torch.tensor([-0.1, 0.4, 0.5])):
+        w.grad = g.clone()
+        opt.step()
+        sq_g = rho * sq_g + (1 - rho) * g * g
+        dx = -torch.sqrt(sq_dx + eps) / torch.sqrt(sq_g + eps) * g
+        sq_dx = rho * sq_dx + (1 - rho) * dx * dx
+        x = x + dx
+        assert torch.allclose(w.detach(), x, atol=1e-7)

@@ -15,7 +15,7 @@ from ray_train.cli import main
 from ray_train.engines.sync import SyncEngine
 from ray_train.replica import Replica
 
-EPOCHS, KILL_EPOCH, BATCH, REPLICAS, LOG_EVERY, TRAIN = 3, 1, 64, 2, 10, 4000
+EPOCHS, KILL_EPOCH, BATCH, REPLICAS, LOG_EVERY, TRAIN = 3, 1, 64, 2, 10, 3500  # mnist5k less validation
 STEPS = TRAIN // REPLICAS // BATCH
 ARGS = ["--model", "mlp30", "--dropout", "0.3", "--dataset", "mnist5k", "--lr", "0.2", "--batch-size", str(BATCH),
         "--replicas", str(REPLICAS), "--seed", "2", "--log-every", str(LOG_EVERY), "--epochs", str(EPOCHS),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import time
+from functools import partial
 
 import numpy as np
 import ray
@@ -21,9 +22,9 @@ from ray_train.config import ConfigError, TrainConfig
 from ray_train.data import steps_per_epoch
 from ray_train.engines.base import Chunk, Engine
 from ray_train.evaluation import EvalResult, combine, predict
+from ray_train import losses
 from ray_train.failure import Decision
 from ray_train.parameter_server import ParameterShard, StalenessGate, decay_ranges, split_bounds
-from ray_train.replica import sum_cross_entropy
 
 QUEUE = 2  # chunks queued per replica
 REJOIN_WAIT_S = 60.0  # at the end of a run, how long to wait for a replica restart under way
@@ -288,7 +289,8 @@ class DownpourEngine(Engine):
         data = self.ctx.data
         self._load_params()
         x, y = getattr(data, f"x_{split}"), getattr(data, f"y_{split}")
-        loss_sum, probs = predict(self.model, x, y, sum_cross_entropy, torch.device("cpu"), data.num_classes)
+        loss_sum, probs = predict(self.model, x, y, partial(losses.summed, self.ctx.cfg.model.loss), torch.device("cpu"),
+                                  data.num_classes)
         return combine([{"start": 0, "loss_sum": loss_sum, "probs": probs}], y)
 
     def weights(self) -> dict[str, np.ndarray]:
