@@ -70,6 +70,8 @@ FLAGS: list[tuple[str, str, str, type, str]] = [
     ("--warm-start-steps", "async", "warm_start_steps", int, "async: steps one replica trains alone first (default: one epoch-equivalent; 0: none)"),
     ("--snapshot-every", "async", "snapshot_every_s", float, "async: seconds between shard snapshots (default 10)"),
     ("--ps-cpus", "async", "ps_cpus", float, "async: CPUs reserved per parameter shard (default 0)"),
+    # model averaging
+    ("--average-every", "local", "average_every", int, "local: steps between parameter averages H (default 8)"),
     # ensembles
     ("--members", "ensemble", "members", int, "ensemble: K members, seeds seed..seed+K-1 (default 5)"),
     ("--replicas-per-member", "ensemble", "replicas_per_member", int, "ensemble: each member a sync group of R replicas (default 1)"),
@@ -85,11 +87,11 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m ray_train", description=(
         "Train a PyTorch model on Ray actors: synchronous data-parallel SGD (gradients averaged every "
-        "step), asynchronous Downpour SGD with a sharded parameter server, or a voting ensemble. Joins the cluster named by RAY_ADDRESS, else starts a "
+        "step), asynchronous Downpour SGD with a sharded parameter server, a voting ensemble, or model averaging. Joins the cluster named by RAY_ADDRESS, else starts a "
         "local one. Streams metrics to TensorBoard under <storage>/<run-name>/ and writes summary.json."),
         epilog="Example: python -m ray_train --model net_c --replicas 2 --epochs 5 --lr 0.1")
     p.add_argument("--config", metavar="FILE", help="YAML file with sections run, data, model, optim, resources, "
-                   "async, ensemble (see configs/)")
+                   "async, ensemble, local (see configs/)")
     for flag, _, _, typ, help_ in FLAGS:
         if typ is bool:
             p.add_argument(flag, action="store_true", default=None, help=help_)

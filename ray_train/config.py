@@ -15,14 +15,14 @@ from typing import Any, Mapping
 
 from models import MODEL_NAMES
 
-STRATEGIES = ("sync", "async", "ensemble")
+STRATEGIES = ("sync", "async", "ensemble", "local")
 DATASETS = ("mnist5k", "mnist", "synthetic")
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adadelta", "adam", "amsgrad")
 # What a run gets when the config names no optimizer or learning rate. Each strategy its own
 # optimizer: DistBelief paired Downpour with AdaGrad on the parameter server (momentum SGD there
 # stays at chance on the default async job); each optimizer its own rate (AdaDelta's 1.0 leaves
 # the step to its rho-only rule; Adam, RMSprop and AMSGrad use their authors' 0.001).
-STRATEGY_OPTIMIZER = {"sync": "momentum", "async": "adagrad", "ensemble": "momentum"}
+STRATEGY_OPTIMIZER = {"sync": "momentum", "async": "adagrad", "ensemble": "momentum", "local": "momentum"}
 DEFAULT_LR = {"sgd": 0.05, "momentum": 0.05, "nesterov": 0.05, "adagrad": 0.01, "rmsprop": 0.001,
               "adadelta": 1.0, "adam": 0.001, "amsgrad": 0.001}
 SCHEDULES = ("constant", "step", "inverse", "plateau")
@@ -282,6 +282,18 @@ class RunConfig:
 
 
 @dataclass(frozen=True)
+class LocalConfig:
+    """Model averaging (``--strategy local``): replicas train alone and average parameters."""
+
+    average_every: int = 8
+    """Steps between averages H (also at the end of every epoch); H = 1 with plain SGD is sync SGD."""
+
+    def __post_init__(self) -> None:
+        _integer("local", "average_every", self.average_every)
+        _positive("local", "average_every", self.average_every)
+
+
+@dataclass(frozen=True)
 class AsyncConfig:
     """Downpour SGD (``--strategy async``); the server-side optimizer comes from ``optim``."""
 
@@ -433,6 +445,7 @@ SECTIONS: dict[str, type] = {
     "resources": ResourcesConfig,
     "async": AsyncConfig,
     "ensemble": EnsembleConfig,
+    "local": LocalConfig,
 }
 # TrainConfig attribute of each section ("async" is a Python keyword).
 ATTRS = {name: ("async_" if name == "async" else name) for name in SECTIONS}
@@ -449,6 +462,7 @@ class TrainConfig:
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     async_: AsyncConfig = field(default_factory=AsyncConfig)
     ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
+    local: LocalConfig = field(default_factory=LocalConfig)
 
     def __post_init__(self) -> None:
         """Fill in the optimizer and rate the config left open (STRATEGY_OPTIMIZER, DEFAULT_LR)."""

@@ -8,6 +8,7 @@ import importlib
 ENGINES: dict[str, tuple[str, str]] = {
     "sync": ("ray_train.engines.sync", "SyncEngine"),
     "async": ("ray_train.engines.downpour", "DownpourEngine"),
+    "local": ("ray_train.engines.local", "LocalEngine"),
 }
 
 
