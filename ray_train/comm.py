@@ -30,11 +30,26 @@ def flatten_grads(params: list[torch.nn.Parameter]) -> torch.Tensor:
     accumulates straight into the buffer that is averaged (no copy in or out)."""
     first = params[0]
     flat = torch.zeros(sum(p.numel() for p in params), dtype=first.dtype, device=first.device)
-    offset = 0
-    for p in params:
-        p.grad = flat[offset : offset + p.numel()].view_as(p)
-        offset += p.numel()
+    for p, view in zip(params, _views(params, flat)):
+        p.grad = view
     return flat
+
+
+def flatten_params(params: list[torch.nn.Parameter]) -> torch.Tensor:
+    """The same for the parameters themselves (model averaging): their values move into one
+    contiguous buffer and every ``p.data`` becomes a view into it."""
+    flat = torch.cat([p.detach().reshape(-1) for p in params])
+    for p, view in zip(params, _views(params, flat)):
+        p.data = view
+    return flat
+
+
+def _views(params: list[torch.nn.Parameter], flat: torch.Tensor) -> list[torch.Tensor]:
+    offset, views = 0, []
+    for p in params:
+        views.append(flat[offset : offset + p.numel()].view_as(p))
+        offset += p.numel()
+    return views
 
 
 class DistAllreduce:

@@ -525,7 +525,7 @@ def load_yaml(path: str) -> dict[str, Any]:
             values = yaml.safe_load(fh)
     except UnicodeDecodeError as exc:
         raise ConfigError(f"--config: {path} is not UTF-8 text (byte {exc.start}: {exc.object[exc.start:exc.start + 1]!r}); "
-                          "a config file is YAML") from None
+                          "save the file as UTF-8 (a config file is YAML text)") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""

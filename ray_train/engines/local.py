@@ -9,8 +9,7 @@ The engine is the sync engine with another replica class: the same group, proces
 shared-memory averaging, the same checkpoints (taken at epoch ends, where the replicas agree)."""
 from __future__ import annotations
 
-import torch
-
+from ray_train.comm import flatten_params
 from ray_train.engines.sync import SyncEngine
 from ray_train.replica import Replica
 
@@ -18,12 +17,7 @@ from ray_train.replica import Replica
 class LocalReplica(Replica):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        # The parameters become views into one flat buffer, averaged in place like sync's gradients.
-        self.flat = torch.cat([p.detach().reshape(-1) for p in self.params])
-        offset = 0
-        for p in self.params:
-            p.data = self.flat[offset: offset + p.numel()].view_as(p)
-            offset += p.numel()
+        self.flat = flatten_params(self.params)  # averaged in place, like sync's gradients
         self.since_average = 0
 
     def step(self, idx):
