@@ -13,7 +13,7 @@ import torch
 from ray_train.cluster import ReplicaContext
 from ray_train.config import TrainConfig
 from ray_train.data import Dataset, shard_batches, steps_per_epoch
-from ray_train.replica import Replica
+from ray_train.replica import Replica, straggle
 
 SHARD_RETRIES = 20  # failed calls to one shard in a row before the replica gives up
 
@@ -77,13 +77,15 @@ class AsyncReplica(Replica):
             if self.since_push == self.n_push:
                 self.push()
                 pushes += 1
-            step_ms[i] = (time.perf_counter() - t0) * 1e3
+            step_ms[i] = straggle(self.slow, t0)
         # Acknowledged pushes only: when the driver sees this chunk, its updates are on the shards.
         self.settle()
         errors, self.shard_errors = self.shard_errors, []
+        moved, self.comm_bytes = self.comm_bytes, 0
         return {"loss_sum": float(loss_sum) * self.cfg.run.batch_size, "correct": int(correct),
                 "samples": n * self.cfg.run.batch_size, "step_ms": step_ms, "rank": self.ctx.rank,
-                "pushes": pushes, "versions": self.seen.copy(), "shard_errors": errors, "pid": os.getpid()}
+                "pushes": pushes, "versions": self.seen.copy(), "shard_errors": errors, "pid": os.getpid(),
+                "comm_bytes": moved}
 
     # -- talking to the shards ---------------------------------------------------------------------
     def fetch(self) -> None:
@@ -95,6 +97,7 @@ class AsyncReplica(Replica):
         for k, ((lo, hi), reply) in enumerate(zip(self.bounds, replies)):
             version, values = self._retry(k, reply)
             np.copyto(flat[lo:hi], values)
+            self.comm_bytes += values.nbytes
             self.versions[k] = version
             self.seen[k] = max(self.seen[k], version)
 
@@ -114,6 +117,7 @@ class AsyncReplica(Replica):
         # Ray serialises the arguments at submission, so acc can be reused at once.
         self.pending = [(k, getattr(sh, verb).remote(mean[lo:hi], int(self.versions[k]), self.ctx.rank), pull)
                         for k, (sh, (lo, hi)) in enumerate(zip(self.shards, self.bounds))]
+        self.comm_bytes += mean.nbytes
         self.acc.zero_()
         self.since_push = 0
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ray_train.config import (ALLREDUCE, DATASETS, INITS, LOSSES, OPTIMIZERS, PLACEMENTS, SCHEDULES, STRATEGIES,
-                              UserError, build_config, load_yaml)
+from ray_train.config import (ALLREDUCE, DATASETS, DISPATCH, INITS, LOSSES, OPTIMIZERS, OUTER_OPTIMIZERS, PLACEMENTS,
+                              SCHEDULES, STRATEGIES, UserError, build_config, load_yaml)
 
 # flag -> (section, field, type, help); one table, so the YAML keys and the flags cannot drift apart.
 FLAGS: list[tuple[str, str, str, type, str]] = [
@@ -24,7 +24,8 @@ FLAGS: list[tuple[str, str, str, type, str]] = [
     ("--placement", "resources", "placement", str, f"placement-group strategy: {', '.join(PLACEMENTS)} (default PACK)"),
     ("--epochs", "run", "epochs", int, "passes over the training set (default 12)"),
     ("--batch-size", "run", "batch_size", int, "examples per step per replica (default 64)"),
-    ("--optimizer", "optim", "optimizer", str, f"{', '.join(OPTIMIZERS)} (default: momentum for sync and ensemble, adagrad for async)"),
+    ("--optimizer", "optim", "optimizer", str, f"{', '.join(OPTIMIZERS)} (default: momentum for sync, ensemble, local and hogwild, adagrad for async, "
+     "lbfgs (only) for sandblaster)"),
     ("--lr", "optim", "lr", float, "initial learning rate (default: the optimizer's: 0.05 for sgd, momentum, nesterov; 0.01 adagrad; "
      "0.001 rmsprop, adam, amsgrad; 1.0 adadelta)"),
     ("--momentum", "optim", "momentum", float, "momentum mu for momentum/nesterov (default 0.9)"),
@@ -61,6 +62,8 @@ FLAGS: list[tuple[str, str, str, type, str]] = [
     ("--max-failures", "run", "max_failures", int, "replica failures survived before giving up (default 3)"),
     ("--target-accuracy", "run", "target_accuracy", float, "stop once validation accuracy (test without a validation split) reaches this, 0-1 (default off)"),
     ("--time-limit", "run", "time_limit", float, "stop after this many seconds of training (default off)"),
+    ("--slow-replica", "run", "slow_replica", str, "RANK:FACTOR: replica RANK's steps take FACTOR times as long (it "
+     "sleeps); a testing and benchmarking aid for straggler tolerance (default off)"),
     # async (Downpour SGD)
     ("--ps-shards", "async", "ps_shards", int, "async: parameter-server shards (default 2)"),
     ("--n-fetch", "async", "n_fetch", int, "async: steps between parameter fetches (default 1)"),
@@ -72,6 +75,21 @@ FLAGS: list[tuple[str, str, str, type, str]] = [
     ("--ps-cpus", "async", "ps_cpus", float, "async: CPUs reserved per parameter shard (default 0)"),
     # model averaging
     ("--average-every", "local", "average_every", int, "local: steps between parameter averages H (default 8)"),
+    ("--outer-optimizer", "local", "outer_optimizer", str, f"local: {', '.join(OUTER_OPTIMIZERS)}; sgd/nesterov apply "
+     "the average as an outer step (DiLoCo) (default average)"),
+    ("--outer-lr", "local", "outer_lr", float, "local: outer learning rate of sgd/nesterov (default 0.7)"),
+    ("--outer-momentum", "local", "outer_momentum", float, "local: outer Nesterov momentum (default 0.9)"),
+    ("--elastic-alpha", "local", "elastic_alpha", float, "local: EASGD's elastic pull toward a centre variable, "
+     "0 < A < 1, instead of averaging (default off)"),
+    # Sandblaster L-BFGS
+    ("--lbfgs-batch", "sandblaster", "lbfgs_batch", int, "sandblaster: examples per L-BFGS batch (default: the whole "
+     "training set)"),
+    ("--work-units", "sandblaster", "work_units", int, "sandblaster: work units per loss-and-gradient evaluation, "
+     "handed to whichever replica is free (default 32)"),
+    ("--lbfgs-history", "sandblaster", "history", int, "sandblaster: L-BFGS history size (default 10)"),
+    ("--lbfgs-iterations", "sandblaster", "iterations", int, "sandblaster: L-BFGS iterations per epoch (default 10)"),
+    ("--dispatch", "sandblaster", "dispatch", str, f"sandblaster: {', '.join(DISPATCH)}: a work queue with backup "
+     "units, or an equal split up front (the baseline) (default queue)"),
     # ensembles
     ("--members", "ensemble", "members", int, "ensemble: K members, seeds seed..seed+K-1 (default 5)"),
     ("--replicas-per-member", "ensemble", "replicas_per_member", int, "ensemble: each member a sync group of R replicas (default 1)"),
@@ -87,11 +105,11 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m ray_train", description=(
         "Train a PyTorch model on Ray actors: synchronous data-parallel SGD (gradients averaged every "
-        "step), asynchronous Downpour SGD with a sharded parameter server, a voting ensemble, or model averaging. Joins the cluster named by RAY_ADDRESS, else starts a "
-        "local one. Streams metrics to TensorBoard under <storage>/<run-name>/ and writes summary.json."),
+        "step), asynchronous Downpour SGD with a sharded parameter server, a voting ensemble, model averaging (local SGD, "
+        "DiLoCo, EASGD), Sandblaster L-BFGS or Hogwild. Joins the cluster named by RAY_ADDRESS, else starts a local one. Streams metrics to TensorBoard under <storage>/<run-name>/ and writes summary.json."),
         epilog="Example: python -m ray_train --model net_c --replicas 2 --epochs 5 --lr 0.1")
     p.add_argument("--config", metavar="FILE", help="YAML file with sections run, data, model, optim, resources, "
-                   "async, ensemble, local (see configs/)")
+                   "async, ensemble, local, sandblaster (see configs/)")
     for flag, _, _, typ, help_ in FLAGS:
         if typ is bool:
             p.add_argument(flag, action="store_true", default=None, help=help_)

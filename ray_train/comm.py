@@ -25,6 +25,13 @@ import torch.distributed as dist
 BUCKET_BYTES = 25 * 2**20
 
 
+def allreduce_bytes(flat: torch.Tensor, world_size: int) -> int:
+    """What one replica counts for averaging ``flat`` among ``world_size`` replicas: 2(N-1)/N of
+    its bytes, the volume a ring allreduce sends per rank, whatever the transport (README,
+    "Communication accounting"); 0 alone."""
+    return 2 * (world_size - 1) * flat.numel() * flat.element_size() // world_size
+
+
 def flatten_grads(params: list[torch.nn.Parameter]) -> torch.Tensor:
     """One contiguous gradient buffer; every ``p.grad`` becomes a view into it, so backward
     accumulates straight into the buffer that is averaged (no copy in or out)."""

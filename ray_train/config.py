@@ -8,23 +8,25 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
-import math
 import os
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
-from models import MODEL_NAMES
+from ray_train.checks import (OPTIMIZERS, ConfigError, UserError, _choice, _factory_spec, _integer,  # noqa: F401
+                             _model_name, _positive)
+from ray_train.regimes import (DISPATCH, MEMBER_KEYS, OUTER_OPTIMIZERS, AsyncConfig, EnsembleConfig,  # noqa: F401
+                              LocalConfig, SandblasterConfig)
 
-STRATEGIES = ("sync", "async", "ensemble", "local")
+STRATEGIES = ("sync", "async", "ensemble", "local", "sandblaster", "hogwild")
 DATASETS = ("mnist5k", "mnist", "synthetic")
-OPTIMIZERS = ("sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adadelta", "adam", "amsgrad")
 # What a run gets when the config names no optimizer or learning rate. Each strategy its own
 # optimizer: DistBelief paired Downpour with AdaGrad on the parameter server (momentum SGD there
 # stays at chance on the default async job); each optimizer its own rate (AdaDelta's 1.0 leaves
 # the step to its rho-only rule; Adam, RMSprop and AMSGrad use their authors' 0.001).
-STRATEGY_OPTIMIZER = {"sync": "momentum", "async": "adagrad", "ensemble": "momentum", "local": "momentum"}
+STRATEGY_OPTIMIZER = {"sync": "momentum", "async": "adagrad", "ensemble": "momentum", "local": "momentum",
+                      "sandblaster": "lbfgs", "hogwild": "momentum"}
 DEFAULT_LR = {"sgd": 0.05, "momentum": 0.05, "nesterov": 0.05, "adagrad": 0.01, "rmsprop": 0.001,
-              "adadelta": 1.0, "adam": 0.001, "amsgrad": 0.001}
+              "adadelta": 1.0, "adam": 0.001, "amsgrad": 0.001, "lbfgs": 1.0}
 SCHEDULES = ("constant", "step", "inverse", "plateau")
 ALLREDUCE = ("auto", "gloo", "nccl", "shm")
 INITS = ("scaled", "normal")
@@ -32,47 +34,6 @@ LOSSES = ("log_likelihood", "cross_entropy", "quadratic")
 L2_COSTS = ("network2", "network3")
 PLACEMENTS = ("PACK", "SPREAD")
 MNIST_MIRROR = "https://storage.googleapis.com/cvdf-datasets/mnist/"
-
-
-class UserError(Exception):
-    """A mistake the user can fix (bad input, missing file, offline): the CLI prints the message
-    as one line on stderr and exits with status 2, without a traceback."""
-
-
-class ConfigError(UserError, ValueError):
-    """A user mistake in the configuration: the message names the field and the allowed values."""
-
-
-def _choice(section: str, name: str, value: Any, allowed: tuple) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{section}.{name}: unknown value {value!r}; allowed: {', '.join(map(str, allowed))}")
-
-
-def _positive(section: str, name: str, value: Any, zero_ok: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(f"{section}.{name}: expected a number, got {value!r}")
-    if not math.isfinite(value):
-        raise ConfigError(f"{section}.{name}: must be a finite number, got {value!r}")
-    if value < 0 or (value == 0 and not zero_ok):
-        bound = ">= 0" if zero_ok else "> 0"
-        raise ConfigError(f"{section}.{name}: must be {bound}, got {value!r}")
-
-
-def _model_name(field_name: str, name: Any) -> None:
-    if not isinstance(name, str) or (name not in MODEL_NAMES and name != "custom" and not _factory_spec(name)):
-        raise ConfigError(f"{field_name}: unknown value {name!r}; allowed: {', '.join(MODEL_NAMES)}, "
-                          "or package.module:function for your own network")
-
-
-def _factory_spec(name: str) -> bool:
-    """'package.module:function' (checked without importing it: the CLI's --help must stay fast)."""
-    module, _, attr = name.partition(":")
-    return bool(module and attr) and all(p.isidentifier() for p in module.split(".")) and attr.isidentifier()
-
-
-def _integer(section: str, name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"{section}.{name}: expected an integer, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -262,6 +223,9 @@ class RunConfig:
     """Stop once the test accuracy reaches this (0-1); None: train all epochs."""
     time_limit: float | None = None
     """Stop after this many seconds of training; None: no limit."""
+    slow_replica: str | None = None
+    """"RANK:FACTOR": replica RANK's steps take FACTOR times as long (it sleeps the difference
+    after each step); a testing and benchmarking aid for straggler tolerance. None: off."""
 
     def __post_init__(self) -> None:
         _choice("run", "strategy", self.strategy, STRATEGIES)
@@ -277,113 +241,23 @@ class RunConfig:
             raise ConfigError(f"run.target_accuracy: must be in (0, 1], got {self.target_accuracy!r}")
         if self.time_limit is not None:
             _positive("run", "time_limit", self.time_limit)
+        if self.slow_replica is not None:
+            slow_replica(self.slow_replica)
         if self.run_name is not None and (not self.run_name or os.sep in self.run_name):
             raise ConfigError(f"run.run_name: must be a plain folder name, got {self.run_name!r}")
 
 
-@dataclass(frozen=True)
-class LocalConfig:
-    """Model averaging (``--strategy local``): replicas train alone and average parameters."""
-
-    average_every: int = 8
-    """Steps between averages H (also at the end of every epoch); H = 1 with plain SGD is sync SGD."""
-
-    def __post_init__(self) -> None:
-        _integer("local", "average_every", self.average_every)
-        _positive("local", "average_every", self.average_every)
-
-
-@dataclass(frozen=True)
-class AsyncConfig:
-    """Downpour SGD (``--strategy async``); the server-side optimizer comes from ``optim``."""
-
-    ps_shards: int = 2
-    """ParameterShard actors; the flat parameter vector is cut into this many near-equal slices."""
-    n_fetch: int = 1
-    """A replica pulls fresh parameters from every shard each n_fetch steps."""
-    n_push: int = 1
-    """A replica pushes its mean gradient since the last push each n_push steps."""
-    max_staleness: int | None = None
-    """Bounded staleness: a replica more than this many pushes ahead of the slowest waits."""
-    staleness_lr: bool = False
-    """Scale each update by 1 / max(1, staleness)."""
-    warm_start_steps: int | None = None
-    """One replica trains alone for this many steps before the others start (DistBelief's
-    warmstarting); None: one epoch-equivalent; 0: none. From a random start, replicas pushing
-    stale gradients at once can stall AdaGrad for epochs (the default job, seed 1: 93.5% with
-    none, 96.6% with one epoch, against sync's 96.4%)."""
-    snapshot_every_s: float = 10.0
-    """Seconds between each shard's atomic snapshot of its slice, optimizer state and version."""
-    ps_cpus: float = 0.0
-    """CPUs Ray reserves per parameter shard. 0 by default, like the driver: the replicas take the
-    CPUs and the shards, which only apply updates, run beside them, so ``--strategy async`` fits
-    wherever the same replicas fit; reserve some on a cluster with CPUs to spare."""
-
-    def __post_init__(self) -> None:
-        for name in ("ps_shards", "n_fetch", "n_push") + (("warm_start_steps",) if self.warm_start_steps is not None else ()):
-            _integer("async", name, getattr(self, name))
-        for name in ("ps_shards", "n_fetch", "n_push"):
-            _positive("async", name, getattr(self, name))
-        if self.warm_start_steps is not None:
-            _positive("async", "warm_start_steps", self.warm_start_steps, zero_ok=True)
-        if self.max_staleness is not None:
-            _integer("async", "max_staleness", self.max_staleness)
-            _positive("async", "max_staleness", self.max_staleness, zero_ok=True)
-        _positive("async", "snapshot_every_s", self.snapshot_every_s)
-        _positive("async", "ps_cpus", self.ps_cpus, zero_ok=True)
-
-
-MEMBER_KEYS = ("model", "seed", "optimizer", "lr", "bagging", "dropout", "weight")
-
-
-@dataclass(frozen=True)
-class EnsembleConfig:
-    """Voting ensembles (``--strategy ensemble``)."""
-
-    members: Any = 5
-    """K (K copies of model.name with seeds seed, seed+1, ...) or a list of member mappings with
-    keys model, seed, optimizer, lr, bagging, dropout, weight (missing keys take the run's)."""
-    replicas_per_member: int = 1
-    """Each member is a sync group of this many replicas."""
-    bagging: bool = False
-    """Every member trains on its own seeded bootstrap sample of the training set."""
-    weights: list | None = None
-    """Optional vote weight per member (same length as the members)."""
-
-    def __post_init__(self) -> None:
-        _integer("ensemble", "replicas_per_member", self.replicas_per_member)
-        _positive("ensemble", "replicas_per_member", self.replicas_per_member)
-        if isinstance(self.members, list):
-            if not self.members:
-                raise ConfigError("ensemble.members: the member list is empty; give at least one member")
-            for i, m in enumerate(self.members):
-                if not isinstance(m, Mapping):
-                    raise ConfigError(f"ensemble.members[{i}]: expected a mapping, got {m!r}")
-                unknown = sorted(set(m) - set(MEMBER_KEYS))
-                if unknown:
-                    raise ConfigError(f"ensemble.members[{i}]: unknown key {unknown[0]!r}; "
-                                      f"allowed: {', '.join(MEMBER_KEYS)}")
-                if "model" in m:
-                    _model_name(f"ensemble.members[{i}].model", m["model"])
-                if "optimizer" in m:
-                    _choice(f"ensemble.members[{i}]", "optimizer", m["optimizer"], OPTIMIZERS)
-                if "lr" in m:
-                    _positive(f"ensemble.members[{i}]", "lr", m["lr"])
-            count = len(self.members)
-        else:
-            _integer("ensemble", "members", self.members)
-            _positive("ensemble", "members", self.members)
-            count = self.members
-        if self.weights is not None:
-            if not isinstance(self.weights, list) or len(self.weights) != count:
-                raise ConfigError(f"ensemble.weights: expected a list of {count} numbers (one per member), "
-                                  f"got {self.weights!r}")
-            for w in self.weights:
-                _positive("ensemble", "weights", w, zero_ok=True)
-
-    @property
-    def count(self) -> int:
-        return len(self.members) if isinstance(self.members, list) else int(self.members)
+def slow_replica(spec: str) -> tuple[int, float]:
+    """run.slow_replica's "RANK:FACTOR" as (rank, factor); a ConfigError when malformed."""
+    rank, _, factor = str(spec).partition(":")
+    try:
+        parsed = int(rank), float(factor)
+    except ValueError:
+        parsed = None
+    if parsed is None or parsed[0] < 0 or not parsed[1] >= 1 or parsed[1] == float("inf"):
+        raise ConfigError(f"run.slow_replica: expected RANK:FACTOR with RANK >= 0 and a finite FACTOR >= 1 "
+                          f"(e.g. 1:3), got {spec!r}")
+    return parsed
 
 
 @dataclass(frozen=True)
@@ -446,6 +320,7 @@ SECTIONS: dict[str, type] = {
     "async": AsyncConfig,
     "ensemble": EnsembleConfig,
     "local": LocalConfig,
+    "sandblaster": SandblasterConfig,
 }
 # TrainConfig attribute of each section ("async" is a Python keyword).
 ATTRS = {name: ("async_" if name == "async" else name) for name in SECTIONS}
@@ -463,6 +338,7 @@ class TrainConfig:
     async_: AsyncConfig = field(default_factory=AsyncConfig)
     ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
     local: LocalConfig = field(default_factory=LocalConfig)
+    sandblaster: SandblasterConfig = field(default_factory=SandblasterConfig)
 
     def __post_init__(self) -> None:
         """Fill in the optimizer and rate the config left open (STRATEGY_OPTIMIZER, DEFAULT_LR)."""
@@ -470,9 +346,16 @@ class TrainConfig:
         lr = self.optim.lr if self.optim.lr is not None else DEFAULT_LR[optimizer]
         if (optimizer, lr) != (self.optim.optimizer, self.optim.lr):
             object.__setattr__(self, "optim", dataclasses.replace(self.optim, optimizer=optimizer, lr=lr))
-        if self.run.strategy == "async" and self.optim.max_norm is not None:
+        strategy = self.run.strategy
+        if strategy == "async" and self.optim.max_norm is not None:
             raise ConfigError("optim.max_norm: the parameter server applies async updates; max-norm is for sync "
                               "and ensemble")
+        if (optimizer == "lbfgs") != (strategy == "sandblaster"):
+            raise ConfigError(f"optim.optimizer: {optimizer!r} with run.strategy {strategy!r}; L-BFGS is Sandblaster's "
+                              "optimizer and Sandblaster's only one (leave optim.optimizer unset for the strategy's own)")
+        if self.run.slow_replica is not None and slow_replica(self.run.slow_replica)[0] >= self.resources.replicas:
+            raise ConfigError(f"run.slow_replica: rank {slow_replica(self.run.slow_replica)[0]} is not one of the "
+                              f"{self.resources.replicas} replicas (ranks 0..{self.resources.replicas - 1})")
 
     @property
     def run_name(self) -> str:

@@ -41,6 +41,7 @@ class Progress:
     in_epoch: int = 0  # steps into the unfinished epoch (a run stopped mid-epoch)
     train_s: float = 0.0
     samples: int = 0
+    comm_bytes: int = 0  # moved between processes so far (Chunk.comm_bytes)
     history: list = field(default_factory=list)
     window: dict = field(default_factory=lambda: {"loss_sum": 0.0, "correct": 0, "samples": 0, "elapsed": 0.0})
     best: dict | None = None  # the best-validation epoch: its figures and its model (model_state)
@@ -53,6 +54,7 @@ class Summary:
     epochs: int
     steps: int
     train_samples: int
+    comm_bytes: int
     train_s: float
     samples_per_s: float
     test_accuracy: float
@@ -133,6 +135,7 @@ class RunLoop:
     def _on_chunk(self, chunk: Chunk) -> None:
         p, w = self.progress, self.progress.window
         p.step, p.in_epoch, p.samples = p.step + chunk.steps, p.in_epoch + chunk.steps, p.samples + chunk.samples
+        p.comm_bytes += chunk.comm_bytes
         for key in ("loss_sum", "correct", "samples"):
             w[key] += getattr(chunk, key)
         samples = max(chunk.samples, 1)
@@ -143,7 +146,7 @@ class RunLoop:
                              + (f"--resume {self.resume_hint} continues from the last good checkpoint"
                                 if self.resume_hint and self.checkpoints and self.checkpoints.paths()
                                 else "no checkpoint was written"))
-        self.sink.train_chunk(p.step, chunk.steps, loss, chunk.correct / samples, chunk.step_ms)
+        self.sink.train_chunk(p.step, chunk.steps, loss, chunk.correct / samples, chunk.step_ms, p.comm_bytes)
 
     def _should_stop(self) -> bool:
         """Asked by the engine between chunks."""
@@ -170,7 +173,9 @@ class RunLoop:
         record = {"epoch": epoch + 1, "lr": lr, "train_loss": w["loss_sum"] / samples,
                   "train_accuracy": w["correct"] / samples, "samples_per_s": w["samples"] / max(w["elapsed"], 1e-9),
                   "epoch_s": w["elapsed"], "test_loss": None, "test_accuracy": None, "test_errors": None,
-                  "val_loss": None, "val_accuracy": None}
+                  "val_loss": None, "val_accuracy": None,
+                  # running totals, for plots against time, samples and bytes (python -m ray_train compare)
+                  "train_s": p.train_s, "samples": p.samples, "comm_bytes": p.comm_bytes}
         if evaluation is not None:
             record.update(test_loss=evaluation.loss, test_accuracy=evaluation.accuracy, test_errors=evaluation.errors)
             self.last_eval = (p.step, evaluation)
@@ -242,7 +247,8 @@ class RunLoop:
                                   f"({self.cfg.model.name}/{self.cfg.optim.optimizer}): {exc}") from None
         if state is not None:
             self.progress = Progress(state["epoch"], state["step"], state["in_epoch"], state["train_s"],
-                                     state["samples"], list(state["history"]), dict(state["window"]), state.get("best"))
+                                     state["samples"], int(state.get("comm_bytes", 0)), list(state["history"]),
+                                     dict(state["window"]), state.get("best"))
             self.schedule.load_state_dict(state["schedule"])
 
     def _checkpoint(self) -> None:
@@ -251,7 +257,7 @@ class RunLoop:
         p = self.progress
         self.checkpoints.save(p.epoch, {
             "epoch": p.epoch, "step": p.step, "in_epoch": p.in_epoch, "train_s": p.train_s, "samples": p.samples,
-            "history": list(p.history), "window": dict(p.window), "schedule": self.schedule.state_dict(), "best": p.best,
+            "comm_bytes": p.comm_bytes, "history": list(p.history), "window": dict(p.window), "schedule": self.schedule.state_dict(), "best": p.best,
             "failures": list(self.ctx.failures.failures), "engine": self.engine.state()}, p.in_epoch)
 
     def _recover(self, died: ReplicaDied) -> tuple[dict, str] | None:
@@ -285,7 +291,8 @@ class RunLoop:
         data = self.ctx.data
         self.sink.confusion(data.y_test, evaluation.preds, data.num_classes, p.step)
         failures, best = self.ctx.failures.failures, p.best or {}
-        return Summary(stopped, reason, p.epoch, p.step, p.samples, p.train_s, p.samples / max(p.train_s, 1e-9),
+        return Summary(stopped, reason, p.epoch, p.step, p.samples, p.comm_bytes, p.train_s,
+                       p.samples / max(p.train_s, 1e-9),
                        evaluation.accuracy, evaluation.errors, evaluation.loss, best.get("epoch"),
                        best.get("val_accuracy"), best.get("test_accuracy"), best.get("test_errors"), list(failures),
                        len(failures), list(p.history), self.engine.extras(), evaluation, self.engine.model_state(),

@@ -151,7 +151,7 @@ def _is_terminal(stream) -> bool:
 
 class MetricsSink:
     """Tags (README lists them): train/loss, train/accuracy, lr, val/loss, val/accuracy, test/loss, test/accuracy,
-    throughput/samples_per_s, time/step_ms/replica_<k>, weights/<name>, test/confusion_matrix;
+    throughput/samples_per_s, time/step_ms/replica_<k>, comm/bytes, weights/<name>, test/confusion_matrix;
     engines add their own (ps/*, ensemble/*) through ``scalar``, ``histogram`` and ``image``.
 
     ``progress`` None shows a bar only when ``out`` is a terminal: under ``ray job submit``, in CI
@@ -202,9 +202,12 @@ class MetricsSink:
             self._bar = tqdm(total=steps, initial=min(done, steps), desc=f"epoch {epoch + 1}/{epochs}", unit="step",
                              leave=False, file=sys.stderr, dynamic_ncols=True)
 
-    def train_chunk(self, step: int, steps: int, loss: float, accuracy: float, step_ms: dict[int, float]) -> None:
+    def train_chunk(self, step: int, steps: int, loss: float, accuracy: float, step_ms: dict[int, float],
+                    comm_bytes: int | None = None) -> None:
         self.scalar("train/loss", loss, step)
         self.scalar("train/accuracy", accuracy, step)
+        if comm_bytes is not None:
+            self.scalar("comm/bytes", comm_bytes, step)
         for rank, ms in step_ms.items():
             self.scalar(f"time/step_ms/replica_{rank}", ms, step)
         if self._bar is not None:

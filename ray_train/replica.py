@@ -13,8 +13,8 @@ import torch
 
 from ray_train import losses
 from ray_train.cluster import ReplicaContext, free_port, node_address, tune_malloc
-from ray_train.comm import DistAllreduce, SharedMemoryAllreduce, flatten_grads
-from ray_train.config import TrainConfig
+from ray_train.comm import DistAllreduce, SharedMemoryAllreduce, allreduce_bytes, flatten_grads
+from ray_train.config import TrainConfig, slow_replica
 from ray_train.data import Dataset, eval_shard, shard_batches, to_tensor
 from ray_train.evaluation import predict
 from ray_train.optim import build_optimizer, inverse_lr, max_norm_, set_lr
@@ -27,6 +27,24 @@ def pick_device(ctx: ReplicaContext) -> torch.device:
     if ctx.num_gpus > 0 and torch.cuda.is_available():
         return torch.device("cuda", 0)
     return torch.device("cpu")
+
+
+def slow_factor(cfg: TrainConfig, rank: int) -> float:
+    """How many times as long this rank's steps take (run.slow_replica; 1.0: full speed)."""
+    if cfg.run.slow_replica is None:
+        return 1.0
+    slow_rank, factor = slow_replica(cfg.run.slow_replica)
+    return factor if slow_rank == rank else 1.0
+
+
+def straggle(factor: float, t0: float) -> float:
+    """End a step that began at ``t0`` (perf_counter): a slowed replica (``factor`` > 1) sleeps
+    until the step has taken ``factor`` times its work. Returns the step's milliseconds."""
+    elapsed = time.perf_counter() - t0
+    if factor > 1.0:
+        time.sleep((factor - 1.0) * elapsed)
+        elapsed = time.perf_counter() - t0
+    return elapsed * 1e3
 
 
 class Replica:
@@ -46,6 +64,8 @@ class Replica:
         # Dropout masks must differ between replicas, initial weights must not.
         torch.manual_seed(ctx.seed * 1000 + ctx.rank + 1)
         self.comm = None
+        self.comm_bytes = 0  # moved to or from other processes since the last train_steps result
+        self.slow = slow_factor(cfg, ctx.rank)
         self.batches = np.empty((0, cfg.run.batch_size), dtype=np.int64)
         self.cursor = 0
 
@@ -118,17 +138,19 @@ class Replica:
             loss, hits = self.step(idx)
             loss_sum += loss
             correct += hits
-            step_ms[i] = (time.perf_counter() - t0) * 1e3
+            step_ms[i] = straggle(self.slow, t0)
         self.cursor += len(todo)
         samples = len(todo) * self.cfg.run.batch_size
+        moved, self.comm_bytes = self.comm_bytes, 0
         return {"loss_sum": float(loss_sum) * self.cfg.run.batch_size, "correct": int(correct),
-                "samples": samples, "step_ms": step_ms[: len(todo)], "rank": self.ctx.rank}
+                "samples": samples, "step_ms": step_ms[: len(todo)], "rank": self.ctx.rank, "comm_bytes": moved}
 
     def step(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """One synchronous step on training examples ``idx``: loss and correct count."""
         loss, hits = self.gradients(*self.batch(idx))
         if self.comm is not None:
             self.comm.mean_(self.grad)
+            self.comm_bytes += allreduce_bytes(self.grad, self.ctx.world_size)
         self.opt.step()
         if self.cfg.optim.max_norm is not None:
             max_norm_(self.params, self.cfg.optim.max_norm)

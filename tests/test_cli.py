@@ -12,7 +12,7 @@ BAD_FLAGS = [
     (["--model", "resnet9000"], "model.name"),
     (["--dataset", "cifar"], "data.dataset"),
     (["--optimizer", "lbfgs"], "optim.optimizer"),
-    (["--strategy", "hogwild"], "run.strategy"),
+    (["--strategy", "gossip"], "run.strategy"),
     (["--schedule", "cosine"], "optim.schedule"),
     (["--replicas", "0"], "resources.replicas"),
     (["--replicas", "-2"], "resources.replicas"),

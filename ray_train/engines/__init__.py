@@ -9,6 +9,8 @@ ENGINES: dict[str, tuple[str, str]] = {
     "sync": ("ray_train.engines.sync", "SyncEngine"),
     "async": ("ray_train.engines.downpour", "DownpourEngine"),
     "local": ("ray_train.engines.local", "LocalEngine"),
+    "sandblaster": ("ray_train.engines.sandblaster", "SandblasterEngine"),
+    "hogwild": ("ray_train.engines.hogwild", "HogwildEngine"),
 }
 
 

@@ -9,7 +9,7 @@ The engine is the sync engine with another replica class: the same group, proces
 shared-memory averaging, the same checkpoints (taken at epoch ends, where the replicas agree)."""
 from __future__ import annotations
 
-from ray_train.comm import flatten_params
+from ray_train.comm import allreduce_bytes, flatten_params
 from ray_train.engines.sync import SyncEngine
 from ray_train.replica import Replica
 
@@ -31,6 +31,7 @@ class LocalReplica(Replica):
     def average(self) -> None:
         if self.comm is not None:
             self.comm.mean_(self.flat)
+            self.comm_bytes += allreduce_bytes(self.flat, self.ctx.world_size)
         self.since_average = 0
 
     def train_steps(self, n: int) -> dict:
