@@ -353,6 +353,10 @@ class TrainConfig:
         if (optimizer == "lbfgs") != (strategy == "sandblaster"):
             raise ConfigError(f"optim.optimizer: {optimizer!r} with run.strategy {strategy!r}; L-BFGS is Sandblaster's "
                               "optimizer and Sandblaster's only one (leave optim.optimizer unset for the strategy's own)")
+        alpha = self.local.elastic_alpha
+        if strategy == "local" and alpha is not None and alpha * self.resources.replicas > 1:
+            raise ConfigError(f"local.elastic_alpha: alpha x replicas (EASGD's beta) must be <= 1 for the centre to "
+                              f"settle, got {alpha:g} x {self.resources.replicas}; the EASGD paper uses beta = 0.9")
         if self.run.slow_replica is not None and slow_replica(self.run.slow_replica)[0] >= self.resources.replicas:
             raise ConfigError(f"run.slow_replica: rank {slow_replica(self.run.slow_replica)[0]} is not one of the "
                               f"{self.resources.replicas} replicas (ranks 0..{self.resources.replicas - 1})")
