@@ -36,6 +36,13 @@ def test_summary_holds_the_contract_keys(short_run):
     assert summary["test_accuracy"] > 0.85
     assert summary["allreduce"] == "SharedMemoryAllreduce"
     assert (short_run[0] / "model.pt").exists()
+    # every step each replica counts 2(N-1)/N of net D's gradient (float32) as moved
+    import torch
+
+    params = sum(v.numel() for v in torch.load(short_run[0] / "model.pt", weights_only=True)["model"].values())
+    per_step = 2 * (REPLICAS - 1) * params * 4 // REPLICAS
+    assert summary["comm_bytes"] == EPOCHS * steps * REPLICAS * per_step
+    assert summary["history"][-1]["comm_bytes"] == summary["comm_bytes"]
 
 
 def test_event_files_hold_every_tag_with_the_expected_points(short_run):
@@ -48,13 +55,16 @@ def test_event_files_hold_every_tag_with_the_expected_points(short_run):
     steps = TRAIN // REPLICAS // BATCH
     chunks = EPOCHS * math.ceil(steps / LOG_EVERY)
     expected = {"train/loss": chunks, "train/accuracy": chunks, "lr": EPOCHS, "test/loss": EPOCHS,
-                "test/accuracy": EPOCHS, "val/loss": EPOCHS, "val/accuracy": EPOCHS, "throughput/samples_per_s": EPOCHS}
+                "test/accuracy": EPOCHS, "val/loss": EPOCHS, "val/accuracy": EPOCHS, "throughput/samples_per_s": EPOCHS,
+                "comm/bytes": chunks}
     expected.update({f"time/step_ms/replica_{r}": chunks for r in range(REPLICAS)})
     for tag, count in expected.items():
         assert tag in tags["scalars"], tag
         assert len(acc.Scalars(tag)) == count, tag
     train_steps = [e.step for e in acc.Scalars("train/loss")]
     assert train_steps == sorted(train_steps) and train_steps[-1] == EPOCHS * steps
+    moved = [e.value for e in acc.Scalars("comm/bytes")]
+    assert moved == sorted(moved) and moved[-1] == pytest.approx(summary_bytes(run_dir), rel=1e-6)
     weight_tags = [t for t in tags["histograms"] if t.startswith("weights/")]
     assert len(weight_tags) == 8  # net D: two conv, hidden and output layers, weight and bias each
     assert all(len(acc.Histograms(t)) == EPOCHS for t in weight_tags)
@@ -62,6 +72,10 @@ def test_event_files_hold_every_tag_with_the_expected_points(short_run):
     assert "hparams/test_accuracy" in tags["scalars"]
     plugins = acc.PluginTagToContent("hparams")
     assert "_hparams_/session_start_info" in plugins
+
+
+def summary_bytes(run_dir):
+    return json.loads((run_dir / "summary.json").read_text())["comm_bytes"]
 
 
 def test_an_existing_run_name_is_not_overwritten(short_run, capsys):

@@ -132,3 +132,20 @@ def test_overfit_check(ray_cluster, tmp_path, monkeypatch, lr, passed):
     result = overfit_check(cfg, progress=False, out=io.StringIO())
     assert result["examples"] == 100 and result["passed"] is passed
     assert (result["train_error"] <= 0.01) is passed
+
+
+def test_slow_replica_sleeps_factor_minus_one_times_its_work(monkeypatch):
+    """--slow-replica RANK:FACTOR: only RANK's steps stretch, to FACTOR times their work."""
+    import ray_train.replica as replica
+
+    clock, slept = [10.0], []
+    monkeypatch.setattr(replica.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(replica.time, "sleep", lambda s: (slept.append(s), clock.__setitem__(0, clock[0] + s)))
+    cfg = build_config({"run": {"slow_replica": "1:3"}})
+    factors = [replica.slow_factor(cfg, rank) for rank in range(2)]
+    assert factors == [1.0, 3.0]
+    clock[0] = 10.5  # a step that began at 10.0 did 0.5 s of work
+    assert replica.straggle(factors[1], 10.0) == pytest.approx(1500.0) and slept == [pytest.approx(1.0)]
+    assert replica.straggle(factors[0], clock[0] - 0.25) == pytest.approx(250.0) and len(slept) == 1
+    with pytest.raises(ConfigError, match="run.slow_replica"):
+        build_config({"run": {"slow_replica": "1:0.5"}})
