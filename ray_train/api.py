@@ -33,10 +33,11 @@ CUSTOM = "custom"  # model.name / data.dataset of a callable or arrays handed to
 
 
 def fit(config: TrainConfig | Mapping | str | None = None, model=None, data=None, *, tensorboard: bool = True,
-        progress: bool | None = None, out=None) -> dict:
+        progress: bool | None = None, out=None, on_epoch=None) -> dict:
     """Train and return the summary (also written to <storage>/<run_name>/summary.json). Raises
     UserError (bad input), loop.Diverged, loop.Interrupted (SIGINT/SIGTERM: the run checkpointed
-    where it stopped) or failure.ReplicaFailure (replicas died more often than run.max_failures)."""
+    where it stopped) or failure.ReplicaFailure (replicas died more often than run.max_failures).
+    ``on_epoch``, if given, is called with each epoch's history record (not by ensembles)."""
     cfg = as_config(config)
     cfg, custom = _with_model(cfg, model)
     cfg, dataset = _with_data(cfg, data)
@@ -46,7 +47,7 @@ def fit(config: TrainConfig | Mapping | str | None = None, model=None, data=None
     for checked in {(c.model.name, c.model.dropout): c for c in runs}.values():
         check_model(model_factory(checked, dataset, custom), dataset, checked)
     factory = model_factory(cfg, dataset, custom)
-    return _run(cfg, dataset, factory, custom, tensorboard, progress, out or sys.stdout)
+    return _run(cfg, dataset, factory, custom, tensorboard, progress, out or sys.stdout, on_epoch)
 
 
 def as_config(config) -> TrainConfig:
@@ -193,7 +194,7 @@ def make_run_dir(cfg: TrainConfig, name: str) -> str:
     return run_dir
 
 
-def _run(cfg: TrainConfig, data: Dataset, factory, custom, tensorboard: bool, progress, out) -> dict:
+def _run(cfg: TrainConfig, data: Dataset, factory, custom, tensorboard: bool, progress, out, on_epoch=None) -> dict:
     import ray
 
     from ray_train.cluster import check_resources, init_ray
@@ -235,14 +236,16 @@ def _run(cfg: TrainConfig, data: Dataset, factory, custom, tensorboard: bool, pr
 
                 result = run_ensemble(cfg, data, data_ref, custom, sink, run_dir, stop)
             else:
-                result = _run_engine(cfg, data, data_ref, factory, sink, run_dir, checkpoints, found, stop)
+                result = _run_engine(cfg, data, data_ref, factory, sink, run_dir, checkpoints, found, stop, on_epoch)
     finally:
         sink.flush()
     summary = {"run_name": name, "strategy": cfg.run.strategy, "model": cfg.model.name, "dataset": data.name,
                "replicas": cfg.resources.replicas, **result, "wall_s": time.perf_counter() - t_start,
                "config": cfg.to_dict()}
-    sink.finish(hparams=_flat_hparams(cfg),
-                metrics={"hparams/test_accuracy": summary["test_accuracy"], "hparams/wall_s": summary["wall_s"]})
+    metrics = {"hparams/test_accuracy": summary["test_accuracy"], "hparams/wall_s": summary["wall_s"]}
+    if summary.get("val_accuracy") is not None:
+        metrics["hparams/val_accuracy"] = summary["val_accuracy"]
+    sink.finish(hparams=_flat_hparams(cfg), metrics=metrics)
     write_json(os.path.join(run_dir, "summary.json"), summary)
     if summary.get("val_accuracy") is not None:
         print(f"best validation accuracy {summary['val_accuracy']:.4f} after epoch {summary['best_epoch']}: test "
@@ -256,14 +259,15 @@ def _run(cfg: TrainConfig, data: Dataset, factory, custom, tensorboard: bool, pr
     return summary
 
 
-def _run_engine(cfg, data, data_ref, factory, sink, run_dir, checkpoints, found, stop) -> dict:
+def _run_engine(cfg, data, data_ref, factory, sink, run_dir, checkpoints, found, stop, on_epoch=None) -> dict:
     from ray_train.engines import engine_class
     from ray_train.engines.base import EngineContext
     from ray_train.failure import FailurePolicy
     from ray_train.loop import RunLoop
 
     ctx = EngineContext(cfg, data, data_ref, factory, sink, run_dir, FailurePolicy(cfg.run.max_failures))
-    summary = RunLoop(engine_class(cfg.run.strategy)(ctx), checkpoints, stop, found, resume_hint=run_dir).run()
+    summary = RunLoop(engine_class(cfg.run.strategy)(ctx), checkpoints, stop, found, resume_hint=run_dir,
+                      on_epoch=on_epoch).run()
     save_models(run_dir, summary, data, {"model_name": cfg.model.name})
     return summary.to_dict()
 

@@ -107,7 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
         "Train a PyTorch model on Ray actors: synchronous data-parallel SGD (gradients averaged every "
         "step), asynchronous Downpour SGD with a sharded parameter server, a voting ensemble, model averaging (local SGD, "
         "DiLoCo, EASGD), Sandblaster L-BFGS or Hogwild. Joins the cluster named by RAY_ADDRESS, else starts a local one. Streams metrics to TensorBoard under <storage>/<run-name>/ and writes summary.json."),
-        epilog="Example: python -m ray_train --model net_c --replicas 2 --epochs 5 --lr 0.1")
+        epilog="Example: python -m ray_train --model net_c --replicas 2 --epochs 5 --lr 0.1. Subcommands: "
+        "python -m ray_train compare (every regime on one job, side by side) and python -m ray_train search "
+        "(random search on Ray Tune); each takes --help.")
     p.add_argument("--config", metavar="FILE", help="YAML file with sections run, data, model, optim, resources, "
                    "async, ensemble, local, sandblaster (see configs/)")
     for flag, _, _, typ, help_ in FLAGS:
@@ -163,6 +165,11 @@ def _resume_values(run_dir: str, values: dict, overrides: dict) -> dict:
 # Exit statuses (README): 0 done, 1 replicas died too often, 2 user error, 3 diverged,
 # 4 the overfit check failed, 130 interrupted (SIGINT), 143 terminated (SIGTERM).
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in ("compare", "search"):  # subcommands, each with its own parser
+        import importlib
+
+        return importlib.import_module(f"ray_train.{argv[0]}").main(argv[1:])
     try:
         cfg, args = parse_config(argv)
         from ray_train.api import fit

@@ -146,9 +146,12 @@ def check_resources(res: ResourcesConfig, count: int | None = None, shards: int 
 
 
 def concurrent_slots(res, count: int) -> int:
-    """How many member groups fit in the cluster at once (at least one: check_resources said so)."""
+    """How many member groups fit in the cluster at once (at least one: check_resources said so);
+    inside a Ray Tune trial, in the trial's placement group (whose bundles hold one group)."""
     import ray
 
+    if trial_placement_group() is not None:
+        return 1
     total = ray.cluster_resources()
     fit = [math.floor(total.get("CPU", 0.0) / (res.replicas * res.cpus_per_replica) + 1e-9)]
     if res.gpus_per_replica:
@@ -157,7 +160,8 @@ def concurrent_slots(res, count: int) -> int:
 
 
 def reserve(res: ResourcesConfig, count: int | None = None):
-    """A placement group with one bundle per replica, ready or a ResourceError within the timeout."""
+    """A placement group with one bundle per replica, ready or a ResourceError within the timeout;
+    inside a Ray Tune trial, the trial's own group. Give it back with ``release``."""
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
 
@@ -166,6 +170,9 @@ def reserve(res: ResourcesConfig, count: int | None = None):
     bundle = {"CPU": res.cpus_per_replica}
     if res.gpus_per_replica:
         bundle["GPU"] = res.gpus_per_replica
+    trial = trial_placement_group()
+    if trial is not None:
+        return _borrow(trial, bundle, count)
     pg = placement_group([dict(bundle) for _ in range(count)], strategy=res.placement)
     ready, _ = ray.wait([pg.ready()], timeout=PLACEMENT_TIMEOUT_S)
     if not ready:
@@ -175,6 +182,42 @@ def reserve(res: ResourcesConfig, count: int | None = None):
             f"{PLACEMENT_TIMEOUT_S:.0f} s; available now: {ray.available_resources()}"
         )
     return pg
+
+
+def trial_placement_group():
+    """The placement group of the Ray Tune trial this process runs in (python -m ray_train search),
+    or None. Tune schedules a trial's function in its group with placement_group_capture_child_tasks:
+    the replicas must go into that group's bundles, as a group of their own would wait for
+    resources the trial already holds."""
+    import ray
+    from ray.util.placement_group import get_current_placement_group
+
+    if not ray.is_initialized():
+        return None
+    return get_current_placement_group()
+
+
+def _borrow(pg, bundle: dict, count: int):
+    """The trial's placement group for ``count`` replicas of ``bundle``: bundle r holds replica r
+    (search.trial_bundles made it so); a ResourceError when it cannot."""
+    specs = pg.bundle_specs
+    fits = len(specs) >= count and all(specs[r].get(k, 0.0) + 1e-9 >= v
+                                       for r in range(count) for k, v in bundle.items())
+    if not fits:
+        raise ResourceError(f"resources: {count} replicas of {bundle} do not fit this Ray Tune trial's placement "
+                            f"group {specs}")
+    return pg
+
+
+def release(pg) -> None:
+    """Remove a placement group ``reserve`` made; a borrowed trial group stays (removing it would
+    kill the trial itself: Tune removes it when the trial ends)."""
+    from ray.util.placement_group import remove_placement_group
+
+    trial = trial_placement_group()
+    if trial is not None and trial.id == pg.id:
+        return
+    remove_placement_group(pg)
 
 
 def actor_class(cls, *, num_cpus: float, num_gpus: float = 0.0, pg=None, bundle: int | None = None,

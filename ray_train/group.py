@@ -144,7 +144,7 @@ class ReplicaGroup:
         replica died, ``graceful=False`` skips the close: the survivors may be stuck in a
         collective and never get to it."""
         import ray
-        from ray.util.placement_group import remove_placement_group
+        from ray_train.cluster import release
 
         if self.closed:
             return
@@ -156,4 +156,4 @@ class ReplicaGroup:
             pass
         for a in self.actors:
             ray.kill(a)
-        remove_placement_group(self.pg)
+        release(self.pg)

@@ -81,8 +81,9 @@ class Summary:
 
 class RunLoop:
     def __init__(self, engine: Engine, checkpoints: CheckpointStore | None, stop=None,
-                 resume: tuple[dict, str] | None = None, resume_hint: str | None = None) -> None:
+                 resume: tuple[dict, str] | None = None, resume_hint: str | None = None, on_epoch=None) -> None:
         self.engine, self.ctx = engine, engine.ctx
+        self.on_epoch = on_epoch  # called with each epoch's history record (python -m ray_train search)
         self.cfg, self.sink = engine.ctx.cfg, engine.ctx.sink
         self.checkpoints, self.resume, self.resume_hint = checkpoints, resume, resume_hint
         self.stop_signal = stop or (lambda: False)
@@ -188,6 +189,8 @@ class RunLoop:
                 self._keep_best(epoch, watched, validation, evaluation)
         p.history.append(record)
         self.sink.end_epoch(record, p.step)
+        if self.on_epoch is not None:
+            self.on_epoch(dict(record))
         weights = self.engine.weights()
         if weights is not None:
             self.sink.weights(weights, p.step)

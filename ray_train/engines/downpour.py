@@ -90,11 +90,11 @@ class Downpour:
         ray.get([retried(s.set_lr).remote(lr) for s in self.shards])
 
     def shutdown(self) -> None:
-        from ray.util.placement_group import remove_placement_group
+        from ray_train.cluster import release
 
         for actor in [*self.replicas, *self.shards, *([self.gate] if self.gate else [])]:
             ray.kill(actor, no_restart=True)
-        remove_placement_group(self.pg)
+        release(self.pg)
 
 
 class DownpourEngine(Engine):
