@@ -202,6 +202,7 @@ def run_trial(sampled: dict, values: dict, overrides: dict, search_dir: str, cwd
     from ray_train.loop import Diverged
 
     os.chdir(cwd)  # Tune starts a trial in its own folder; the job's relative paths are the user's
+    sampled = {k: _plain(v) for k, v in sampled.items()}
     name = trial_name(tune.get_context().get_trial_id())
     cfg = build_config(with_values(values, overrides, sampled), {"run": {"run_name": name, "storage": search_dir}})
     state = {"best": None, "last": None, "reports": 0, "held": None}
@@ -234,30 +235,32 @@ def run_trial(sampled: dict, values: dict, overrides: dict, search_dir: str, cwd
 
 
 # -- the driver -----------------------------------------------------------------------------------------
-class Progress:
-    """Tune callback: a line per trial start, epoch and end on stdout."""
+def progress_lines(out):
+    """A Tune callback printing a line per trial start, epoch and end (ray.tune loads on first use)."""
+    from ray.tune import Callback
 
-    def __init__(self, out) -> None:
-        from ray.tune import Callback
+    class Lines(Callback):
+        def on_trial_start(self, iteration, trials, trial, **info):
+            sampled = ", ".join(f"{k}={_fmt(v)}" for k, v in trial.config.items())
+            print(f"search: {trial_name(trial.trial_id)} started: {sampled}", file=out, flush=True)
 
-        class _Lines(Callback):
-            def on_trial_start(self, iteration, trials, trial, **info):
-                sampled = ", ".join(f"{k}={_fmt(v)}" for k, v in trial.config.items())
-                print(f"search: {trial_name(trial.trial_id)} started: {sampled}", file=out, flush=True)
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            if "epoch" in result:
+                print(f"search: {trial_name(trial.trial_id)} epoch {result['epoch']}: accuracy "
+                      f"{result['accuracy']:.4f} (best {result['best_accuracy']:.4f})", file=out, flush=True)
 
-            def on_trial_result(self, iteration, trials, trial, result, **info):
-                if "epoch" in result:
-                    print(f"search: {trial_name(trial.trial_id)} epoch {result['epoch']}: accuracy "
-                          f"{result['accuracy']:.4f} (best {result['best_accuracy']:.4f})", file=out, flush=True)
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            print(f"search: {trial_name(trial.trial_id)} done", file=out, flush=True)
 
-            def on_trial_complete(self, iteration, trials, trial, **info):
-                print(f"search: {trial_name(trial.trial_id)} done", file=out, flush=True)
+        def on_trial_error(self, iteration, trials, trial, **info):
+            print(f"search: {trial_name(trial.trial_id)} FAILED (its error is in results.md)", file=out, flush=True)
 
-            def on_trial_error(self, iteration, trials, trial, **info):
-                print(f"search: {trial_name(trial.trial_id)} FAILED (see its error in results.md)", file=out,
-                      flush=True)
+    return Lines()
 
-        self.callback = _Lines()
+
+def _plain(v):
+    """A Python number for a numpy one (the config checks for int; YAML cannot write numpy)."""
+    return v.item() if hasattr(v, "item") else v
 
 
 def _fmt(v) -> str:
@@ -308,7 +311,7 @@ def run_search(values: dict, overrides: dict, params: list[Param], trials: int, 
                                                                          max_concurrent=concurrent or 0),
                                         scheduler=sched),
             run_config=tune.RunConfig(name="tune", storage_path=os.path.join(search_dir, ".tune"), verbose=0,
-                                      callbacks=[JsonLoggerCallback(), CSVLoggerCallback(), Progress(out).callback]))
+                                      callbacks=[JsonLoggerCallback(), CSVLoggerCallback(), progress_lines(out)]))
         grid_result = tuner.fit()
     finally:
         if saved is None:
@@ -352,7 +355,8 @@ def trial_row(result, search_dir: str, epochs: int) -> dict:
             best = summary.get("best_test_accuracy")
     if best is None:
         best = metrics.get("best_accuracy")
-    return {"trial": name, "status": status, "params": dict(result.config or {}), "best_accuracy": best,
+    params = {k: _plain(v) for k, v in (result.config or {}).items()}
+    return {"trial": name, "status": status, "params": params, "best_accuracy": best,
             "test_accuracy": None if summary is None else summary.get("best_test_accuracy"),
             "final_test_accuracy": None if summary is None else summary.get("test_accuracy"),
             "epochs": None if summary is None else summary.get("epochs"),

@@ -303,11 +303,11 @@ class SandblasterEngine(Engine):
                 "iteration_s": float(np.mean(self.iteration_s)) if self.iteration_s else None}
 
     def shutdown(self, graceful: bool = True) -> None:
-        from ray.util.placement_group import remove_placement_group
+        from ray_train.cluster import release
 
         if getattr(self, "workers", None) is None:
             return
         for w in self.workers:
             ray.kill(w, no_restart=True)
-        remove_placement_group(self.pg)
+        release(self.pg)
         self.workers = None
