@@ -52,6 +52,41 @@ def test_trains_and_reports_iterations_units_and_bytes(reference):
     assert losses[1] < losses[0] and s["test_accuracy"] >= 0.7
 
 
+def test_equals_torch_lbfgs_on_the_whole_batch_in_one_process(reference):
+    """The distributed objective (units summed / batch + 0.5 wd |w|^2 on weights) and its gradient
+    are the single-process ones: the same LBFGS settings on one process follow the same path (up
+    to float summation order)."""
+    from ray_train import losses
+    from ray_train.api import model_factory
+    from ray_train.data import load_dataset, to_tensor
+    from ray_train.engines.sandblaster import MAX_EVALS
+
+    storage, _ = reference
+    wd, iterations = 1e-3, 4
+    s = _run(storage, "wd", "--weight-decay", str(wd), "--lbfgs-iterations", str(iterations), epochs=1)
+    cfg = build_config(overrides={"run": {"strategy": "sandblaster", "seed": 1}, "model": {"name": "mlp30"}})
+    data = load_dataset(cfg.data, seed=1)
+    torch.manual_seed(1)
+    model = model_factory(cfg, data)().eval()
+    x, y = to_tensor(data.x_train), torch.from_numpy(data.y_train)
+    opt = torch.optim.LBFGS(model.parameters(), lr=1.0, history_size=10, max_iter=1, max_eval=MAX_EVALS,
+                            line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = losses.summed("log_likelihood", model(x), y) / len(y)
+        loss = loss + 0.5 * wd * sum((p * p).sum() for p in model.parameters() if p.dim() > 1)
+        loss.backward()
+        return loss
+
+    for _ in range(iterations):
+        opt.step(closure)
+    got = torch.load(storage / "wd" / "model-last.pt", weights_only=True)["model"]
+    diff = max(float((got[k] - v).abs().max()) for k, v in model.state_dict().items())
+    print(f"sandblaster vs one-process LBFGS after {iterations} iterations (weight decay {wd}): max abs diff {diff:.3g}")
+    assert s["iterations"] == iterations and diff <= 1e-4
+
+
 def test_resumed_run_continues_exactly(reference):
     storage, _ = reference
     _run(storage, "half", epochs=1)
