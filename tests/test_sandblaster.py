@@ -135,6 +135,21 @@ def test_a_replica_killed_mid_iteration_loses_nothing(reference, monkeypatch, di
     assert _max_diff(storage, "ref", f"killed-{dispatch}") <= 1e-6
 
 
+def test_a_death_past_max_failures_gives_up(reference, monkeypatch, capsys):
+    import ray
+
+    storage, _ = reference
+
+    def hook(event, info):
+        if event == "dispatch" and info["rank"] == 1 and info["engine"].iteration == 1:
+            ray.kill(info["engine"].workers[1], no_restart=False)
+
+    monkeypatch.setattr(SandblasterEngine, "hooks", staticmethod(hook))
+    assert main(_argv(storage, "give-up", "--max-failures", "0", "--dispatch", "static", epochs=1)) == 1
+    err = capsys.readouterr().err
+    assert "replica 1" in err and "giving up after 1 failure(s) (run.max_failures is 0)" in err, err
+
+
 def test_a_sampled_batch_per_iteration(reference):
     storage, _ = reference
     s = _run(storage, "sampled", "--lbfgs-batch", "500", "--lbfgs-iterations", "3", epochs=1)
