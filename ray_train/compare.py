@@ -231,12 +231,12 @@ def write_outputs(out_dir: str, rows: list[dict], target_arg: float | None) -> t
 def run_compare(values: dict, overrides: dict, strategies: list[str], target: float | None,
                 out=None) -> tuple[str, list]:
     """Each regime via ray_train.fit on one Ray cluster; returns (the compare folder, the rows)."""
+    storage = build_config(values, overrides).run.storage  # the job's own mistakes come before Ray and torch
     from ray_train.api import fit
     from ray_train.cluster import init_ray
     from ray_train.loop import Interrupted
 
     out = out or sys.stdout
-    storage = build_config(values, overrides).run.storage  # the job's own mistakes are reported before Ray
     out_dir = os.path.join(storage, f"compare-{stamp()}")
     os.makedirs(out_dir, exist_ok=True)
     init_ray()
@@ -278,6 +278,7 @@ def main(argv: list[str]) -> int:
         if args.target_accuracy is not None and not 0 < args.target_accuracy <= 1:
             raise UserError(f"--target-accuracy: must be in (0, 1], got {args.target_accuracy!r}")
         values, overrides = job_values(args, skip=OWN_FLAGS + ("--strategy", "--target-accuracy"))
+        build_config(values, overrides)  # the job's own mistakes, before torch loads
         from ray_train.loop import Interrupted
 
         t0 = time.perf_counter()
