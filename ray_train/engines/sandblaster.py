@@ -166,8 +166,8 @@ class SandblasterEngine(Engine):
         queue = self.ctx.cfg.sandblaster.dispatch == "queue"
         results: list = [None] * len(self.bounds)
         todo = deque(range(len(self.bounds)))
-        if not queue:  # static: equal shares up front
-            ranks = sorted(self.alive)
+        ranks = sorted(self.alive)
+        if not queue and ranks:  # static: equal shares up front
             for k in todo:
                 self._send(ranks[k * len(ranks) // len(results)], version, box, k, False)
             todo.clear()
