@@ -45,8 +45,6 @@ class ReplicaGroup:
         """Replicas of ``model`` (a zero-argument factory) seeded with ``cfg.run.seed``."""
         import ray
 
-        from ray_train.comm import SharedMemoryAllreduce
-
         res = cfg.resources
         pg = reserve(res)
         actors = [
@@ -58,16 +56,26 @@ class ReplicaGroup:
         ]
         try:
             info = ray.get([a.info.remote() for a in actors])
+            comm, name = cls.wire(cfg, actors, info)
         except Exception:
             cls(actors, pg, [], "none").shutdown(graceful=False)
             raise
-        comm, name = "none", None
-        if len(actors) > 1:
-            backend, shm = choose_allreduce(cfg, {i["node_id"] for i in info})
-            port = ray.get(actors[0].free_port.remote())
-            name = SharedMemoryAllreduce.new_name() if shm else None
-            comm = ray.get([a.connect.remote(info[0]["address"], port, backend, name) for a in actors])[0]
         return cls(actors, pg, info, comm, name)
+
+    @classmethod
+    def wire(cls, cfg: TrainConfig, actors: list, info: list[dict]) -> tuple[str, str | None]:
+        """Connect the started replicas (a subclass may wire them otherwise; engines/hogwild.py):
+        the averaging's name and the shared-memory segment's name, if any."""
+        import ray
+
+        from ray_train.comm import SharedMemoryAllreduce
+
+        if len(actors) == 1:
+            return "none", None
+        backend, shm = choose_allreduce(cfg, {i["node_id"] for i in info})
+        port = ray.get(actors[0].free_port.remote())
+        name = SharedMemoryAllreduce.new_name() if shm else None
+        return ray.get([a.connect.remote(info[0]["address"], port, backend, name) for a in actors])[0], name
 
     def train_epoch(self, epoch: int, lr: float, start: int, chunk: int, on_chunk, should_stop) -> bool:
         """Run the epoch from step ``start`` as chunks of ``chunk`` steps, QUEUE of them queued on
