@@ -20,8 +20,10 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-# optim.lr decides the accuracy after a short run; a weight decay this small barely changes it
-SPACE = ["optim.lr=loguniform(1e-3,1.0)", "optim.weight_decay=loguniform(1e-7,1e-5)"]
+# optim.lr decides the accuracy after a short run; a weight decay this small barely changes it. The
+# range holds the best rate (0.6-1 for this job: 0.87 validation accuracy after one epoch, against 0.83 at
+# 0.32 and 0.82 at 1.6) inside it, not at an end: the 3 x 3 grid tries the rates 0.01, 0.32 and 10 only.
+SPACE = ["optim.lr=loguniform(1e-2,10.0)", "optim.weight_decay=loguniform(1e-7,1e-5)"]
 
 
 def main() -> None:
