@@ -357,7 +357,8 @@ def trial_row(result, search_dir: str, epochs: int) -> dict:
         best = metrics.get("best_accuracy")
     params = {k: _plain(v) for k, v in (result.config or {}).items()}
     return {"trial": name, "status": status, "params": params, "best_accuracy": best,
-            "test_accuracy": None if summary is None else summary.get("best_test_accuracy"),
+            "test_accuracy": None if summary is None else next(
+                (summary[k] for k in ("best_test_accuracy", "test_accuracy") if summary.get(k) is not None), None),
             "final_test_accuracy": None if summary is None else summary.get("test_accuracy"),
             "epochs": None if summary is None else summary.get("epochs"),
             "train_s": None if summary is None else summary.get("train_s"), "summary": summary}
