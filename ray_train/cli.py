@@ -73,6 +73,8 @@ FLAGS: list[tuple[str, str, str, type, str]] = [
     ("--warm-start-steps", "async", "warm_start_steps", int, "async: steps one replica trains alone first (default: one epoch-equivalent; 0: none)"),
     ("--snapshot-every", "async", "snapshot_every_s", float, "async: seconds between shard snapshots (default 10)"),
     ("--ps-cpus", "async", "ps_cpus", float, "async: CPUs reserved per parameter shard (default 0)"),
+    ("--transport", "async", "transport", str, "async: how replicas reach the shards: auto (shared memory on the "
+     "same node, Ray calls across nodes), shm (one node required) or ray (default auto)"),
     # model averaging
     ("--average-every", "local", "average_every", int, "local: steps between parameter averages H (default 8)"),
     ("--outer-optimizer", "local", "outer_optimizer", str, f"local: {', '.join(OUTER_OPTIMIZERS)}; sgd/nesterov apply "

@@ -4,13 +4,25 @@ StalenessGate that makes a replica wait (on an asyncio condition) when it runs t
 
 Both are plain classes (``ray_train.cluster.actor_class`` makes them Ray actors), so
 tests/test_parameter_server.py drives a shard without Ray.
+
+Replicas reach a shard two ways: Ray actor calls (``push``, ``push_pull``, ``pull_ref``; any
+placement), or, from the shard's own node, the ``ShardServer`` below: gradients and parameters
+move through shared memory and only a 16-byte request and an 8-byte reply cross a socket.
 """
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
+import mmap
 import os
+import selectors
+import socket
+import struct
+import threading
 import time
+import traceback
+import uuid
 
 import numpy as np
 import torch
@@ -42,6 +54,15 @@ def decay_ranges(model: torch.nn.Module, lo: int, hi: int) -> list[tuple[int, in
     return out
 
 
+def _locked(method):
+    """Shard state is shared by the actor's method calls and its ShardServer thread."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with self.lock:
+            return method(self, *args, **kwargs)
+    return wrapper
+
+
 class ParameterShard:
     """One slice of the master parameters. The optimizer is torch.optim's own, built by
     ``build_optimizer`` over a single flat Parameter, so momentum, AdaGrad and Adam on a shard
@@ -57,6 +78,8 @@ class ParameterShard:
                  snapshot_every_s: float = 10.0) -> None:
         tune_malloc()
         torch.set_num_threads(1)  # a shard is reserved a fraction of a CPU
+        self.lock = threading.RLock()
+        self.server: ShardServer | None = None
         self.index, self.staleness_lr = index, staleness_lr
         self.weight_decay = optim.weight_decay
         values = np.zeros(init, dtype=np.float32) if isinstance(init, int) else init
@@ -83,6 +106,7 @@ class ParameterShard:
             self.load(load_checked(snapshot_path))
             self.restored_version = self.version
 
+    @_locked
     def assign(self, values: np.ndarray) -> int:
         """Start from ``values`` at version 0 (the run's initial parameters); returns the length."""
         with torch.no_grad():
@@ -92,6 +116,7 @@ class ParameterShard:
         return self.param.numel()
 
     # -- the two verbs replicas use --------------------------------------------------------------
+    @_locked
     def push(self, grad: np.ndarray, fetched_version: int, rank: int = -1) -> int:
         """Apply one replica's mean gradient; returns the new version."""
         staleness = max(0, self.version - int(fetched_version))
@@ -110,15 +135,18 @@ class ParameterShard:
             self.snapshot()
         return self.version
 
+    @_locked
     def push_pull(self, grad: np.ndarray, fetched_version: int, rank: int = -1) -> tuple[int, list]:
         """``push``, then ``pull_ref`` of the parameters it produced: one call instead of two when
         a replica's next step starts with a fetch (with n_fetch = n_push = 1, every step)."""
         self.push(grad, fetched_version, rank)
         return self.pull_ref()
 
+    @_locked
     def pull(self) -> tuple[int, np.ndarray]:
         return self.version, self.param.detach().numpy().copy()
 
+    @_locked
     def pull_ref(self) -> tuple[int, list]:
         """(version, [object ref]): one object-store copy per version, read by every replica that
         fetches this version (the ref is wrapped in a list so Ray passes it, not its value)."""
@@ -129,27 +157,41 @@ class ParameterShard:
             self._ref, self._ref_version = ray.put(self.param.detach().numpy()), self.version
         return self.version, [self._ref]
 
+    def endpoint(self) -> dict:
+        """Where replicas on this node reach the shard through shared memory (the ShardServer is
+        started by the first call); ``node_id`` tells a replica whether it is on this node."""
+        with self.lock:
+            if self.server is None:
+                self.server = ShardServer(self)
+        return {"address": self.server.address, "node_id": _node_id(), "pid": os.getpid()}
+
     # -- driver side ------------------------------------------------------------------------------
+    @_locked
     def set_lr(self, lr: float) -> None:
         self.lr = lr
         set_lr(self.opt, lr)
 
+    @_locked
     def stats(self) -> dict:
         """Totals plus the staleness values recorded since the previous call."""
         recent, self.recent = np.asarray(self.recent, dtype=np.int32), []
         return {"index": self.index, "version": self.version, "count": self.stale_count,
                 "sum": self.stale_sum, "max": self.stale_max, "recent": recent}
 
+    @_locked
     def info(self) -> dict:
         return {"index": self.index, "pid": os.getpid(), "version": self.version,
-                "restored_version": self.restored_version}
+                "restored_version": self.restored_version, "node_id": _node_id(),
+                "shm_peers": len(self.server.peers) if self.server is not None else 0}
 
+    @_locked
     def state(self) -> dict:
         """Parameters, optimizer state and version: tensors and numbers only (weights_only load)."""
         return {"index": self.index, "params": self.param.detach().clone(), "optimizer": self.opt.state_dict(),
                 "version": self.version, "lr": self.lr,
                 "staleness": [self.stale_count, self.stale_sum, self.stale_max]}
 
+    @_locked
     def load(self, state: dict) -> None:
         """Continue from what ``state`` returned (a checkpoint or this shard's snapshot)."""
         with torch.no_grad():
@@ -161,10 +203,139 @@ class ParameterShard:
         if self.snapshot_path:
             self.snapshot()
 
+    @_locked
     def snapshot(self) -> str:
         """Atomic (temporary file + rename), so a crash mid-write leaves the previous snapshot."""
         self.last_snapshot = time.monotonic()
         return save_atomic(self.snapshot_path, self.state())
+
+
+def _node_id() -> str | None:
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+
+
+# The same-node transport's messages: a request is (kind, version) as two int64; the reply is the
+# shard's version after serving it (int64), or REFUSED. HELLO carries (rank, lo, hi, n) and the
+# replica's mailbox as a file descriptor.
+PUSH, PULL, PUSH_PULL, HELLO = 1, 2, 3, 4
+REQUEST, HELLO_MSG, REPLY = struct.Struct("<qq"), struct.Struct("<qqqqq"), struct.Struct("<q")
+REFUSED = -1
+
+
+def mailbox_views(buf, n: int, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+    """A replica's mailbox holds two float32 vectors of the whole model's length n: the outbox
+    (its mean gradient, which shards read) and the inbox (the parameters shards write for it).
+    Returns the [lo, hi) slice of each."""
+    outbox = np.frombuffer(buf, dtype=np.float32, count=n, offset=0)
+    inbox = np.frombuffer(buf, dtype=np.float32, count=n, offset=4 * n)
+    return outbox[lo:hi], inbox[lo:hi]
+
+
+class _Peer:
+    def __init__(self, conn: socket.socket) -> None:
+        self.conn, self.rank = conn, -1
+        self.map = self.outbox = self.inbox = None
+
+
+class ShardServer:
+    """The shard's end of the same-node transport, one thread. Each replica owns a mailbox, an
+    anonymous shared-memory file (memfd) that it hands over, as a file descriptor, when it
+    connects to the shard's socket: a push is the replica's mean gradient in its outbox plus a
+    request; the thread applies it with the shard's optimizer, in arrival order, and (for a pull)
+    copies the shard's parameters into the replica's inbox before it replies with the version.
+    The requester waits for the reply before it touches its mailbox again, so no reader ever sees
+    a half-written vector.
+
+    Nothing has a name in /dev/shm, and the socket's name is in the abstract namespace: the kernel
+    frees both with the last process holding them, so a SIGKILL leaks nothing. A restarted shard
+    (or replica) simply starts a new server (connects again): a replica asks ``endpoint`` anew."""
+
+    def __init__(self, shard: ParameterShard) -> None:
+        self.shard = shard
+        self.address = f"\0ray_train-ps{shard.index}-{uuid.uuid4().hex[:16]}"
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.listener.bind(self.address)
+        self.listener.listen(64)
+        self.selector = selectors.DefaultSelector()
+        self.selector.register(self.listener, selectors.EVENT_READ)
+        self.peers: list[_Peer] = []
+        self.closed = False
+        self.thread = threading.Thread(target=self._loop, name=f"shard-{shard.index}-server", daemon=True)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        while not self.closed:
+            for key, _ in self.selector.select(timeout=1.0):
+                if key.fileobj is self.listener:
+                    conn, _ = self.listener.accept()
+                    peer = _Peer(conn)
+                    self.peers.append(peer)
+                    self.selector.register(conn, selectors.EVENT_READ, peer)
+                else:
+                    try:
+                        self._serve(key.data)
+                    except (OSError, ValueError, struct.error):
+                        self._drop(key.data)  # the replica died (or broke the protocol)
+                    except Exception:  # noqa: BLE001 - a bug: say so, and let the replica see a lost shard
+                        traceback.print_exc()
+                        self._drop(key.data)
+
+    def _serve(self, peer: _Peer) -> None:
+        if peer.map is None:
+            self._hello(peer)
+            return
+        data = peer.conn.recv(REQUEST.size)
+        if not data:
+            raise ConnectionResetError("replica closed the connection")
+        kind, fetched = REQUEST.unpack(data)
+        shard = self.shard
+        with shard.lock:
+            if kind & PUSH:
+                shard.push(peer.outbox, fetched, peer.rank)
+            if kind & PULL:
+                np.copyto(peer.inbox, shard.param.detach().numpy())
+            version = shard.version
+        peer.conn.send(REPLY.pack(version))
+
+    def _hello(self, peer: _Peer) -> None:
+        data, fds, _, _ = socket.recv_fds(peer.conn, HELLO_MSG.size, 1)
+        try:
+            kind, rank, lo, hi, n = HELLO_MSG.unpack(data)
+            fits = len(fds) == 1 and hi - lo == self.shard.param.numel() and os.fstat(fds[0]).st_size >= 8 * n
+            if kind != HELLO or not fits:
+                peer.conn.send(REPLY.pack(REFUSED))
+                raise ValueError(f"shard {self.shard.index}: bad hello {(kind, rank, lo, hi, n)}")
+            peer.map = mmap.mmap(fds[0], 8 * n)  # mmap keeps its own duplicate of the descriptor
+        finally:
+            for fd in fds:
+                os.close(fd)
+        peer.rank = rank
+        peer.outbox, peer.inbox = mailbox_views(peer.map, n, lo, hi)
+        with self.shard.lock:
+            version = self.shard.version
+        peer.conn.send(REPLY.pack(version))
+
+    def _drop(self, peer: _Peer) -> None:
+        self.selector.unregister(peer.conn)
+        peer.conn.close()
+        self.peers.remove(peer)
+        peer.outbox = peer.inbox = None
+        if peer.map is not None:
+            try:
+                peer.map.close()
+            except BufferError:  # a view is still alive somewhere: the mapping goes with it
+                pass
+
+    def close(self) -> None:
+        """Stop serving (tests; an actor's server ends with its process)."""
+        self.closed = True
+        self.thread.join()
+        for peer in list(self.peers):
+            self._drop(peer)
+        self.selector.close()
+        self.listener.close()
 
 
 class StalenessGate:

@@ -9,6 +9,7 @@ from ray_train.checks import OPTIMIZERS, ConfigError, _choice, _integer, _model_
 
 OUTER_OPTIMIZERS = ("average", "sgd", "nesterov")
 DISPATCH = ("queue", "static")
+TRANSPORTS = ("auto", "shm", "ray")
 
 
 @dataclass(frozen=True)
@@ -98,8 +99,13 @@ class AsyncConfig:
     """CPUs Ray reserves per parameter shard. 0 by default, like the driver: the replicas take the
     CPUs and the shards, which only apply updates, run beside them, so ``--strategy async`` fits
     wherever the same replicas fit; reserve some on a cluster with CPUs to spare."""
+    transport: str = "auto"
+    """How replicas reach the shards: auto (shared memory with a shard on the replica's node, Ray
+    actor calls with one elsewhere), shm (the same, but every replica and shard must share one
+    node) or ray (actor calls and the object store everywhere)."""
 
     def __post_init__(self) -> None:
+        _choice("async", "transport", self.transport, TRANSPORTS)
         for name in ("ps_shards", "n_fetch", "n_push") + (("warm_start_steps",) if self.warm_start_steps is not None else ()):
             _integer("async", name, getattr(self, name))
         for name in ("ps_shards", "n_fetch", "n_push"):

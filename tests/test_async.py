@@ -109,6 +109,7 @@ def test_four_replicas_converge_like_sync(runs):
     assert plain["steps"] == EPOCHS * (3500 // 64) and plain["train_samples"] == plain["steps"] * 64  # 500 validate
     assert plain["failures"] == [] and plain["restarts"] == 0
     assert len(plain["history"]) == EPOCHS
+    assert plain["transport"] == "shm"  # the default (auto) on one node
 
 
 def test_staleness_with_four_replicas_is_positive_and_bounded(runs):
@@ -155,7 +156,8 @@ def test_a_killed_replica_is_restarted_and_the_run_completes(runs, monkeypatch):
     assert summary["lead_max"] <= BOUND  # the gate let the dead replica go and took it back
 
 
-def test_a_killed_shard_is_restored_from_its_snapshot(ray_cluster, tmp_path, monkeypatch):
+@pytest.mark.parametrize("transport", ["auto", "ray"])  # shared memory, and the actor calls used across nodes
+def test_a_killed_shard_is_restored_from_its_snapshot(ray_cluster, tmp_path, monkeypatch, transport):
     killed = []
 
     def kill_shard_0(event, progress):
@@ -164,9 +166,10 @@ def test_a_killed_shard_is_restored_from_its_snapshot(ray_cluster, tmp_path, mon
             os.kill(killed[0], signal.SIGKILL)
 
     cfg = _cfg(tmp_path, "shard", resources={"replicas": 2, "cpus_per_replica": 0.5}, epochs=2,
-               asyncs={"ps_shards": 2, "snapshot_every_s": 0.05})
+               asyncs={"ps_shards": 2, "snapshot_every_s": 0.05, "transport": transport})
     summary = _execute(cfg, monkeypatch, kill_shard_0)
     print(summary["failures"], summary["test_accuracy"])
+    assert summary["transport"] == {"auto": "shm", "ray": "ray"}[transport]
     assert len(summary["failures"]) == 1 and summary["restarts"] == 1
     failure = summary["failures"][0]
     assert failure["kind"] == "shard" and failure["shard"] == 0 and failure["pid"] == killed[0]

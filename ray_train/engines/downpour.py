@@ -70,7 +70,20 @@ class Downpour:
                                      max_restarts=cfg.run.max_failures).remote(
             ReplicaContext(r, res.replicas, res.cpus_per_replica, res.gpus_per_replica, cfg.run.seed), cfg, factory)
             for r in range(res.replicas)]
-        ray.get([self.setup(r) for r in range(res.replicas)])
+        if a.transport == "shm":
+            self._check_one_node()
+        # per replica, each shard's transport: "shm" (same node) or "ray"
+        self.transports = ray.get([self.setup(r) for r in range(res.replicas)])
+
+    def _check_one_node(self) -> None:
+        """async.transport = shm: every replica and shard must share one node (auto falls back)."""
+        nodes = {i["node_id"] for i in ray.get([s.info.remote() for s in self.shards] +
+                                                [r.info.remote() for r in self.replicas])}
+        if len(nodes) > 1:
+            self.shutdown()
+            raise ConfigError(f"async.transport: shm needs every replica and parameter shard on one node, "
+                              f"but they run on {len(nodes)} nodes; use auto (shared memory where a shard "
+                              f"shares a replica's node, Ray calls elsewhere) or ray")
 
     def setup(self, rank: int):
         """(Re)connect replica ``rank`` to the data and the shards; returns the call's ref."""
@@ -136,8 +149,13 @@ class DownpourEngine(Engine):
         self.warm = self.warm_steps > self.done
         self.active = {0} if self.warm else set(range(n))
         ctx.sink.say(f"async SGD (Downpour): {n} replicas, {a.ps_shards} parameter shards, fetch every {a.n_fetch}, "
-                     f"push every {a.n_push} steps" + (f", warm start {self.warm_steps} steps on replica 0"
-                                                        if self.warm else ""))
+                     f"push every {a.n_push} steps, transport {self.transport()}"
+                     + (f", warm start {self.warm_steps} steps on replica 0" if self.warm else ""))
+
+    def transport(self) -> str:
+        """shm, ray, or mixed (some replica-shard pairs on different nodes), as set up at start."""
+        kinds = {k for per in self.actors.transports for k in per if k is not None}
+        return kinds.pop() if len(kinds) == 1 else "mixed" if kinds else "none"
 
     def train_epoch(self, epoch, lr, start, on_chunk, should_stop) -> bool:
         if lr != self.lr:
@@ -232,7 +250,7 @@ class DownpourEngine(Engine):
     def _rejoin(self, ref) -> None:
         rank = self.rejoining.pop(ref)
         try:
-            ray.get(ref)
+            self.actors.transports[rank] = ray.get(ref)
             info = ray.get(retried(self.actors.replicas[rank].info).remote())
         except ray.exceptions.RayActorError:
             self.ctx.sink.say(f"warning: replica {rank} could not be restarted; continuing without it")
@@ -321,7 +339,7 @@ class DownpourEngine(Engine):
                 "staleness_max": max(s["max"] for s in stats), "updates": int(round(updates)),
                 "updates_per_s": updates / max(seconds, 1e-9),
                 "lead_max": None if lead is None else lead["lead_max"], "ps_shards": self.ctx.cfg.async_.ps_shards,
-                "restarts": self.restarts}
+                "restarts": self.restarts, "transport": self.transport()}
 
     def shutdown(self, graceful: bool = True) -> None:
         if getattr(self, "actors", None) is not None:
