@@ -238,6 +238,12 @@ def actor_class(cls, *, num_cpus: float, num_gpus: float = 0.0, pg=None, bundle:
     return ray.remote(cls).options(**options)
 
 
+def retried(method):
+    """An idempotent actor call that Ray resubmits until a restarting actor is back (it still
+    fails, with ActorDiedError, once the actor's restarts are used up)."""
+    return method.options(max_task_retries=-1)
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("", 0))

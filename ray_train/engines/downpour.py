@@ -11,29 +11,21 @@ from __future__ import annotations
 
 import os
 import time
-from functools import partial
 
 import numpy as np
 import ray
 import torch
 
-from ray_train.cluster import ReplicaContext, actor_class, check_resources, reserve
+from ray_train.cluster import ReplicaContext, actor_class, check_resources, reserve, retried
 from ray_train.config import ConfigError, TrainConfig
 from ray_train.data import steps_per_epoch
 from ray_train.engines.base import Chunk, Engine
-from ray_train.evaluation import EvalResult, combine, predict
-from ray_train import losses
+from ray_train.engines.driver_model import DriverModel
 from ray_train.failure import Decision
 from ray_train.parameter_server import ParameterShard, StalenessGate, decay_ranges, split_bounds
 
 QUEUE = 2  # chunks queued per replica
 REJOIN_WAIT_S = 60.0  # at the end of a run, how long to wait for a replica restart under way
-
-
-def retried(method):
-    """An idempotent actor call that Ray resubmits until a restarting actor is back (it still
-    fails, with ActorDiedError, once the actor's restarts are used up)."""
-    return method.options(max_task_retries=-1)
 
 
 def flat_params(model: torch.nn.Module) -> np.ndarray:
@@ -110,7 +102,7 @@ class Downpour:
         release(self.pg)
 
 
-class DownpourEngine(Engine):
+class DownpourEngine(DriverModel, Engine):
     overlaps_evaluation = True
     hooks = None  # tests: hooks(event, progress) sees every completed chunk (to inject faults)
 
@@ -298,30 +290,13 @@ class DownpourEngine(Engine):
         self.gated = self.gated | ranks if verb == "join" else self.gated - ranks
 
     # -- evaluation, state, the end ------------------------------------------------------------------
-    def _load_params(self) -> None:
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        torch.nn.utils.vector_to_parameters(torch.from_numpy(self.actors.params()), params)
-
-    def evaluate(self, split: str) -> EvalResult:
-        """A snapshot of the shards' parameters, on the driver, while the replicas keep going."""
-        data = self.ctx.data
-        self._load_params()
-        x, y = getattr(data, f"x_{split}"), getattr(data, f"y_{split}")
-        loss_sum, probs = predict(self.model, x, y, partial(losses.summed, self.ctx.cfg.model.loss), torch.device("cpu"),
-                                  data.num_classes)
-        return combine([{"start": 0, "loss_sum": loss_sum, "probs": probs}], y)
-
-    def weights(self) -> dict[str, np.ndarray]:
-        self._load_params()
-        return {n: p.detach().numpy().copy() for n, p in self.model.named_parameters()}
+    def driver_params(self) -> torch.Tensor:
+        """A snapshot of the shards' parameters (evaluated on the driver while the replicas keep going)."""
+        return torch.from_numpy(self.actors.params())
 
     def state(self) -> dict:
         return {"shards": ray.get([retried(s.state).remote() for s in self.actors.shards]),
                 "rank_done": list(self.rank_done), "done": self.done, "restarts": self.restarts}
-
-    def model_state(self) -> dict:
-        self._load_params()
-        return {"model": {k: v.clone() for k, v in self.model.state_dict().items()}}
 
     def extras(self) -> dict:
         if self.rejoining:

@@ -19,17 +19,15 @@ import copy
 import math
 import time
 from collections import deque
-from functools import partial
 
 import numpy as np
 import ray
 import torch
 
-from ray_train import losses
-from ray_train.cluster import ReplicaContext, actor_class, reserve
+from ray_train.cluster import ReplicaContext, actor_class, reserve, retried
 from ray_train.config import ConfigError
 from ray_train.engines.base import Chunk, Engine, StateMismatch
-from ray_train.evaluation import EvalResult, combine, predict
+from ray_train.engines.driver_model import DriverModel
 from ray_train.failure import Decision, ReplicaFailure
 from ray_train.parameter_server import split_bounds
 from ray_train.sandblaster_worker import DESCRIPTOR_BYTES, RESULT_EXTRA_BYTES, SandblasterWorker, batch_indices
@@ -38,16 +36,11 @@ MAX_EVALS = 25  # function evaluations per iteration: torch's LBFGS default max_
 CACHE = 8  # evaluations remembered: the next iteration starts where the last line search ended
 
 
-def retried(method):
-    """An idempotent actor call that Ray resubmits until a restarting actor is back."""
-    return method.options(max_task_retries=-1)
-
-
 class _NonFinite(Exception):
     """The iteration's first loss is not finite: the loop reports the divergence."""
 
 
-class SandblasterEngine(Engine):
+class SandblasterEngine(DriverModel, Engine):
     worker_cls = SandblasterWorker  # tests swap in subclasses
     hooks = None  # tests: hooks(event, info) on every dispatched unit ("dispatch") and result ("result")
 
@@ -272,29 +265,12 @@ class SandblasterEngine(Engine):
         self.alive.add(rank)
 
     # -- evaluation, state, the end --------------------------------------------------------------
-    def _load_params(self) -> None:
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        torch.nn.utils.vector_to_parameters(self.flat.detach().clone(), params)
-
-    def evaluate(self, split: str) -> EvalResult:
-        data = self.ctx.data
-        self._load_params()
-        x, y = getattr(data, f"x_{split}"), getattr(data, f"y_{split}")
-        loss_sum, probs = predict(self.model, x, y, partial(losses.summed, self.ctx.cfg.model.loss), torch.device("cpu"),
-                                  data.num_classes)
-        return combine([{"start": 0, "loss_sum": loss_sum, "probs": probs}], y)
-
-    def weights(self) -> dict[str, np.ndarray]:
-        self._load_params()
-        return {n: p.detach().numpy().copy() for n, p in self.model.named_parameters()}
+    def driver_params(self) -> torch.Tensor:
+        return self.flat.detach().clone()
 
     def state(self) -> dict:
         return {"params": self.flat.detach().clone(), "optimizer": copy.deepcopy(self.opt.state_dict()),
                 "iteration": self.iteration, "counts": copy.deepcopy(self.counts)}
-
-    def model_state(self) -> dict:
-        self._load_params()
-        return {"model": {k: v.clone() for k, v in self.model.state_dict().items()}}
 
     def extras(self) -> dict:
         return {"iterations": self.iteration, **copy.deepcopy(self.counts), "lbfgs_batch": self.batch,
