@@ -100,7 +100,10 @@ def _with_lambda(cfg: TrainConfig, data: Dataset) -> TrainConfig:
     if o.l2_lambda is None:
         return cfg
     replicas = cfg.ensemble.replicas_per_member if cfg.run.strategy == "ensemble" else cfg.resources.replicas
-    decay = weight_decay_from_lambda(o.l2_lambda, len(data.y_train), cfg.run.batch_size * replicas, o.l2_cost)
+    batch = cfg.run.batch_size * replicas
+    if cfg.run.strategy == "sandblaster":  # one L-BFGS batch per step
+        batch = min(cfg.sandblaster.lbfgs_batch or len(data.y_train), len(data.y_train))
+    decay = weight_decay_from_lambda(o.l2_lambda, len(data.y_train), batch, o.l2_cost)
     return _replace(cfg, "optim", weight_decay=decay, l2_lambda=None)
 
 
@@ -142,6 +145,8 @@ def check_model(factory, data: Dataset, cfg: TrainConfig) -> None:
     if tuple(out.shape) != want:
         raise UserError(f"model: {cfg.model.name} gives outputs of shape {list(out.shape)} for {want[0]} examples; "
                         f"{data.name} has {data.num_classes} classes, so expected {list(want)} (one logit per class)")
+    if cfg.run.strategy == "sandblaster":  # no SGD batches: its own checks of units and batch run at start
+        return
     workers = 1 if cfg.run.strategy == "async" else (
         cfg.ensemble.replicas_per_member if cfg.run.strategy == "ensemble" else cfg.resources.replicas)
     if steps_per_epoch(len(data.y_train), workers, cfg.run.batch_size) == 0:

@@ -49,7 +49,7 @@ class Progress:
 
 @dataclass
 class Summary:
-    stopped: str  # epochs, target_accuracy, early_stop, lr_floor or time_limit
+    stopped: str  # epochs, target_accuracy, early_stop, lr_floor, converged or time_limit
     stop_reason: str
     epochs: int
     steps: int
@@ -227,6 +227,9 @@ class RunLoop:
         if evaluation is not None and target is not None and evaluation.accuracy >= target:
             return "target_accuracy", (f"{split} accuracy {evaluation.accuracy:.4f} reached the target {target:g} "
                                        f"after epoch {p.epoch}")
+        converged = self.engine.finished()
+        if converged:
+            return "converged", converged
         if self.schedule.should_stop:
             return "early_stop", f"no better {split} accuracy in {cfg.optim.early_stop} evaluations"
         if self.schedule.floor_reached:

@@ -190,3 +190,29 @@ def test_defaults():
     with pytest.raises(ConfigError, match="sandblaster.iterations"):
         build_config(overrides={"run": {"strategy": "sandblaster"}, "sandblaster": {"iterations": 1.5}})
 
+
+
+def test_a_stationary_start_stops_as_converged(reference):
+    """Zero inputs, zero weights, balanced labels: the gradient is exactly 0 at the start, so the
+    first iteration's line search never runs and the run stops there, not 2 epochs of no-ops."""
+    import io
+
+    import numpy as np
+    from torch import nn
+
+    from ray_train.api import fit
+    from ray_train.data import Dataset
+
+    def zero_linear():
+        net = nn.Sequential(nn.Flatten(), nn.Linear(16, 4))
+        for p in net.parameters():
+            nn.init.zeros_(p)
+        return net
+
+    x, y = np.zeros((64, 1, 4, 4), dtype=np.float32), np.arange(64) % 4
+    s = fit({"run": {"strategy": "sandblaster", "epochs": EPOCHS, "storage": str(reference[0]), "run_name": "flat"},
+             "resources": {"replicas": 2, "cpus_per_replica": 0.5}, "sandblaster": {"work_units": 4, "iterations": 3},
+             "data": {"validation": 0}},
+            model=zero_linear, data=Dataset("flat", x, y, x[:16], y[:16], 4), tensorboard=False, progress=False, out=io.StringIO())
+    assert s["stopped"] == "converged" and "L-BFGS converged after 1 iterations" in s["stop_reason"]
+    assert s["iterations"] == 1 and s["epochs"] == 1 and s["function_evaluations"] == 1

@@ -111,3 +111,8 @@ class Engine(abc.ABC):
     def extras(self) -> dict:
         """Keys this engine adds to summary.json."""
         return {}
+
+    def finished(self) -> str | None:
+        """Why training cannot make progress any more (L-BFGS at a stationary point), or None; the
+        loop then stops with ``stopped: converged``."""
+        return None

@@ -118,10 +118,22 @@ class SandblasterEngine(DriverModel, Engine):
             except _NonFinite:
                 on_chunk(self._chunk())
                 return True
+            if not self.it["evals"]:
+                # LBFGS returned at its first, cached evaluation without a line search: the gradient
+                # (or the descent along the new direction) is under its tolerance, and every further
+                # step would return there again.
+                group = self.opt.param_groups[0]
+                self.converged = (f"L-BFGS converged after {self.iteration} iterations: largest gradient element "
+                                  f"{float(self.flat.grad.abs().max()):.2g} (tolerance {group['tolerance_grad']:g}) "
+                                  f"or descent under {group['tolerance_change']:g}")
+                return True
             self.iteration_s.append(time.perf_counter() - t0)
             self.iteration += 1
             on_chunk(self._chunk())
         return True
+
+    def finished(self) -> str | None:
+        return getattr(self, "converged", None)
 
     def _chunk(self) -> Chunk:
         it = self.it
