@@ -296,10 +296,11 @@ class RunLoop:
             evaluation = self.engine.evaluate("test")
         data = self.ctx.data
         self.sink.confusion(data.y_test, evaluation.preds, data.num_classes, p.step)
+        extras = self.engine.extras()  # first: an engine may record a failure it learns of only now
         failures, best = self.ctx.failures.failures, p.best or {}
         return Summary(stopped, reason, p.epoch, p.step, p.samples, p.comm_bytes, p.train_s,
                        p.samples / max(p.train_s, 1e-9),
                        evaluation.accuracy, evaluation.errors, evaluation.loss, best.get("epoch"),
                        best.get("val_accuracy"), best.get("test_accuracy"), best.get("test_errors"), list(failures),
-                       len(failures), list(p.history), self.engine.extras(), evaluation, self.engine.model_state(),
+                       len(failures), list(p.history), extras, evaluation, self.engine.model_state(),
                        best.get("model_state"))

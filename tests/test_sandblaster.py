@@ -3,13 +3,18 @@ evaluates the work units (units are summed in unit order, each evaluated the sam
 replica), so runs that differ only in dispatch, a slowed replica or a killed replica end with the
 same parameters as the undisturbed run: those comparisons are exact, not statistical."""
 import json
+import os
+import sys
+import tempfile
 
 import pytest
+import ray.cloudpickle
 import torch
 
 from ray_train.cli import main
 from ray_train.config import ConfigError, build_config
 from ray_train.engines.sandblaster import SandblasterEngine
+from ray_train.sandblaster_worker import SandblasterWorker
 
 EPOCHS, ITERATIONS, UNITS = 2, 4, 16
 
@@ -110,26 +115,38 @@ def test_a_slow_replica_takes_fewer_units_from_the_queue_and_static_splits_evenl
     assert _max_diff(storage, "ref", "slow-queue") <= 1e-6 and _max_diff(storage, "ref", "slow-static") <= 1e-6
 
 
+DIED = os.path.join(tempfile.gettempdir(), "ray_train_test_sandblaster_died")
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # actors cannot import this test file
+
+
+class DyingWorker(SandblasterWorker):
+    """Replica 1's process exits at the start of its 20th work unit, once (the marker file keeps
+    its restarted successor alive): a death with that unit outstanding, at a known point."""
+
+    def evaluate(self, *args):
+        if self.ctx.rank == 1 and self.units == 19 and not os.path.exists(DIED):
+            open(DIED, "w").close()
+            os._exit(1)
+        return super().evaluate(*args)
+
+
 @pytest.mark.parametrize("dispatch", ["queue", "static"])
 def test_a_replica_killed_mid_iteration_loses_nothing(reference, monkeypatch, dispatch):
-    """Killed while a unit is outstanding on it. Static dispatch has no backups, so the dead
+    """Replica 1 dies with a unit outstanding on it. Static dispatch has no backups, so the dead
     replica's units must be handed out again; the queue may also cover them by backup copies."""
-    import ray
-
     storage, ref = reference
-    killed = []
-
-    def hook(event, info):
-        engine = info["engine"]
-        if event == "dispatch" and info["rank"] == 1 and engine.iteration == 2 and not killed:
-            killed.append(info["unit"])
-            ray.kill(engine.workers[1], no_restart=False)  # with a unit outstanding on it
-
-    monkeypatch.setattr(SandblasterEngine, "hooks", staticmethod(hook))
-    s = _run(storage, f"killed-{dispatch}", "--dispatch", dispatch)
-    print(f"{dispatch}: killed replica 1 with unit {killed} outstanding: failures {s['failures']}, "
-          f"{s['reissued_units']} units reissued, {s['backup_wins']} backup wins, units {s['units_per_replica']}")
-    assert killed and s["stopped"] == "epochs" and s["iterations"] == EPOCHS * ITERATIONS
+    if os.path.exists(DIED):
+        os.remove(DIED)
+    monkeypatch.setattr(SandblasterEngine, "worker_cls", DyingWorker)
+    try:
+        s = _run(storage, f"killed-{dispatch}", "--dispatch", dispatch)
+    finally:
+        died = os.path.exists(DIED)
+        if died:
+            os.remove(DIED)
+    print(f"{dispatch}: replica 1 died at its 20th unit: failures {s['failures']}, {s['reissued_units']} units "
+          f"reissued, {s['backup_wins']} backup wins, units {s['units_per_replica']}")
+    assert died and s["stopped"] == "epochs" and s["iterations"] == EPOCHS * ITERATIONS
     assert len(s["failures"]) == 1 and s["failures"][0]["rank"] == 1
     assert s["reissued_units"] >= (1 if dispatch == "static" else 0)
     assert _max_diff(storage, "ref", f"killed-{dispatch}") <= 1e-6

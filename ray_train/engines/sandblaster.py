@@ -33,6 +33,7 @@ from ray_train.parameter_server import split_bounds
 from ray_train.sandblaster_worker import DESCRIPTOR_BYTES, RESULT_EXTRA_BYTES, SandblasterWorker, batch_indices
 
 MAX_EVALS = 25  # function evaluations per iteration: torch's LBFGS default max_eval (5/4 max_iter) is 1
+SETTLE_S = 10.0  # how long the end of a run waits for units still out (extras)
 CACHE = 8  # evaluations remembered: the next iteration starts where the last line search ended
 
 
@@ -285,10 +286,25 @@ class SandblasterEngine(DriverModel, Engine):
                 "iteration": self.iteration, "counts": copy.deepcopy(self.counts)}
 
     def extras(self) -> dict:
+        self._settle()
         return {"iterations": self.iteration, **copy.deepcopy(self.counts), "lbfgs_batch": self.batch,
                 "dispatch": self.ctx.cfg.sandblaster.dispatch,
                 # mean seconds of the iterations this process ran (a resumed run: since the resume)
                 "iteration_s": float(np.mean(self.iteration_s)) if self.iteration_s else None}
+
+    def _settle(self) -> None:
+        """Copies still out at the end (backups that lost, or units of a replica whose death Ray
+        has not reported yet: that takes about a second): wait for them a little, so that a death
+        during the run is in the summary even when the others covered its units in time."""
+        if not self.inflight:
+            return
+        ready, _ = ray.wait(list(self.inflight), num_returns=len(self.inflight), timeout=SETTLE_S)
+        for ref in ready:
+            rank = self.inflight.pop(ref)[0]
+            try:
+                ray.get(ref)
+            except ray.exceptions.RayActorError as exc:
+                self._lost(rank, exc)
 
     def shutdown(self, graceful: bool = True) -> None:
         from ray_train.cluster import release
