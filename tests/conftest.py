@@ -21,3 +21,15 @@ def ray_cluster():
     init_ray(num_cpus=RAY_CPUS)
     yield ray
     ray.shutdown()
+
+
+def one_line_error(capsys, argv) -> str:
+    """Run the CLI on ``argv``: it must exit 2 with exactly one line on stderr, the
+    "ray_train: error: ..." line, and no traceback. Returns the line for the test to check."""
+    from ray_train.cli import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("ray_train: error:") and "Traceback" not in err[0], err[0]
+    return err[0]

@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from ray_train.cli import main
-from tests.conftest import ROOT
+from tests.conftest import ROOT, one_line_error
 
 BAD_FLAGS = [
     (["--model", "resnet9000"], "model.name"),
@@ -32,23 +32,14 @@ BAD_FLAGS = [
 ]
 
 
-def _one_line_error(capsys, argv, needle):
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1, err
-    assert err[0].startswith("ray_train: error:") and needle in err[0], err[0]
-    assert "Traceback" not in err[0]
-    return err[0]
-
-
 @pytest.mark.parametrize("argv,needle", BAD_FLAGS, ids=[" ".join(a) for a, _ in BAD_FLAGS])
 def test_bad_flag(capsys, argv, needle):
-    _one_line_error(capsys, argv, needle)
+    assert needle in one_line_error(capsys, argv)
 
 
 def test_unknown_value_lists_allowed_values(capsys):
-    line = _one_line_error(capsys, ["--model", "resnet9000"], "model.name")
-    assert "net_b" in line and "mlp30" in line
+    line = one_line_error(capsys, ["--model", "resnet9000"])
+    assert "model.name" in line and "net_b" in line and "mlp30" in line
 
 
 @pytest.mark.parametrize("text,needle", [
@@ -62,7 +53,7 @@ def test_unknown_value_lists_allowed_values(capsys):
 def test_bad_config_file(capsys, tmp_path, text, needle):
     path = tmp_path / "job.yaml"
     path.write_text(text)
-    _one_line_error(capsys, ["--config", str(path)], needle)
+    assert needle in one_line_error(capsys, ["--config", str(path)])
 
 
 def test_cli_flags_override_yaml(tmp_path):
@@ -75,12 +66,12 @@ def test_cli_flags_override_yaml(tmp_path):
 
 
 def test_more_replicas_than_the_cluster_fails_fast(capsys, ray_cluster, tmp_path):
-    line = _one_line_error(capsys, ["--replicas", "5", "--storage", str(tmp_path), "--no-tensorboard"], "5 CPU asked")
-    assert "2 CPU" in line
+    line = one_line_error(capsys, ["--replicas", "5", "--storage", str(tmp_path), "--no-tensorboard"])
+    assert "5 CPU asked" in line and "2 CPU" in line
 
 
 def test_gpus_on_a_cluster_without_gpus_fails_fast(capsys, ray_cluster, tmp_path):
-    _one_line_error(capsys, ["--gpus-per-replica", "1", "--storage", str(tmp_path)], "GPU asked")
+    assert "GPU asked" in one_line_error(capsys, ["--gpus-per-replica", "1", "--storage", str(tmp_path)])
 
 
 @pytest.mark.parametrize("entry", [["-m", "ray_train"], ["scripts/train.py"]])
@@ -99,13 +90,13 @@ def test_real_process_exit_status_and_help(entry):
 def test_a_config_file_that_is_not_utf8(capsys, tmp_path):
     path = tmp_path / "job.yaml"
     path.write_bytes(b"run: {epochs: 3}\n# \xff\xfe latin-1 \xe9t\xe9\n")
-    _one_line_error(capsys, ["--config", str(path)], "is not UTF-8 text")
+    assert "is not UTF-8 text" in one_line_error(capsys, ["--config", str(path)])
 
 
 def test_storage_that_is_a_file(capsys, tmp_path):
     path = tmp_path / "runs"
     path.write_text("not a folder")
-    _one_line_error(capsys, ["--storage", str(path), "--epochs", "1"], str(path))
+    assert str(path) in one_line_error(capsys, ["--storage", str(path), "--epochs", "1"])
 
 
 def test_data_errors_come_before_ray_and_are_the_only_output(capsys, tmp_path):

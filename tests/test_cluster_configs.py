@@ -44,7 +44,9 @@ def requirements() -> dict[str, str]:
 # -- ray up: AWS and GCP ----------------------------------------------------------------------
 @pytest.mark.parametrize("name", RAY_UP)
 def test_ray_up_yaml_validates_against_rays_schema(name):
-    jsonschema.validate(load(name), ray_schema())
+    schema = ray_schema()
+    errors = [e.message for e in jsonschema.validators.validator_for(schema)(schema).iter_errors(load(name))]
+    assert errors == [], errors
 
 
 @pytest.mark.parametrize("name", RAY_UP)

@@ -8,15 +8,8 @@ import os
 
 import pytest
 
-from ray_train.cli import main
 from ray_train.compare import curve, default_target, parse_strategies, run_compare, to_target, with_target
-
-
-def _one_line_error(capsys, argv, needle):
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and needle in err[0], err
-    return err[0]
+from tests.conftest import one_line_error
 
 
 @pytest.mark.parametrize("argv,needle", [
@@ -27,7 +20,7 @@ def _one_line_error(capsys, argv, needle):
     (["compare", "--bogus"], "unrecognized arguments"),
 ])
 def test_user_errors_are_one_line_before_ray(capsys, argv, needle):
-    _one_line_error(capsys, argv, needle)
+    assert needle in one_line_error(capsys, argv)
 
 
 def test_strategies_keep_their_order():

@@ -16,6 +16,7 @@ from ray_train.cluster import ReplicaContext
 from ray_train.config import build_config
 from ray_train.data import load_dataset, shard_batches
 from ray_train.replica import Replica
+from tests.conftest import one_line_error
 
 EPOCHS, HALF, BATCH, REPLICAS, LOG_EVERY, TRAIN = 4, 2, 64, 2, 10, 3500  # mnist5k less validation
 STEPS = TRAIN // REPLICAS // BATCH  # 27 per epoch
@@ -140,26 +141,20 @@ def test_rng_restore_reproduces_dropout_and_is_needed():
     assert np.abs(no_rng.flat_params() - first.flat_params()).max() > 1e-4
 
 
-def _one_line_error(capsys, argv, needle):
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("ray_train: error:") and needle in err[0], err
-
-
 def test_resume_of_a_missing_folder_is_a_one_line_error(capsys, tmp_path):
-    _one_line_error(capsys, ["--resume", str(tmp_path / "nope")], "no such run folder")
+    assert "no such run folder" in one_line_error(capsys, ["--resume", str(tmp_path / "nope")])
 
 
 def test_resume_of_another_strategys_run_is_a_one_line_error(capsys, tmp_path):
     run_dir = tmp_path / "async-run"
     run_dir.mkdir()
     (run_dir / "run.json").write_text(json.dumps({"strategy": "async", "config": {"run": {"strategy": "async"}}}))
-    _one_line_error(capsys, ["--resume", str(run_dir), "--strategy", "sync"], "holds a 'async' run, not 'sync'")
-    _one_line_error(capsys, ["--resume", str(run_dir), "--config", "configs/default.yaml"], "not 'sync'")
+    assert "holds a 'async' run, not 'sync'" in one_line_error(capsys, ["--resume", str(run_dir), "--strategy", "sync"])
+    assert "not 'sync'" in one_line_error(capsys, ["--resume", str(run_dir), "--config", "configs/default.yaml"])
 
 
 def test_resume_with_another_model_names_the_checkpoint(runs, capsys, tmp_path):
     run_dir = tmp_path / "resumed"
     shutil.copytree(runs[1], run_dir)
-    _one_line_error(capsys, ["--resume", str(run_dir), "--model", "net_b", "--epochs", "5", "--no-progress"],
-                    f"checkpoint {run_dir / 'checkpoints' / 'ckpt-000004.pt'} does not fit")
+    line = one_line_error(capsys, ["--resume", str(run_dir), "--model", "net_b", "--epochs", "5", "--no-progress"])
+    assert f"checkpoint {run_dir / 'checkpoints' / 'ckpt-000004.pt'} does not fit" in line

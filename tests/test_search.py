@@ -9,15 +9,8 @@ import os
 
 import pytest
 
-from ray_train.cli import main
 from ray_train.search import Param, grid_points, grid_size, parse_param, parse_space, run_search, trial_bundles
-
-
-def _one_line_error(capsys, argv, needle):
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and needle in err[0], err
-    return err[0]
+from tests.conftest import one_line_error
 
 
 @pytest.mark.parametrize("space,needle", [
@@ -38,7 +31,7 @@ def _one_line_error(capsys, argv, needle):
     ("run.storage=choice(a,b)", "search sets run.storage itself"),
 ])
 def test_bad_space_strings_are_one_line_errors_before_ray(capsys, space, needle):
-    _one_line_error(capsys, ["search", "--model", "mlp30", "--space", space], needle)
+    assert needle in one_line_error(capsys, ["search", "--model", "mlp30", "--space", space])
 
 
 @pytest.mark.parametrize("argv,needle", [
@@ -49,7 +42,7 @@ def test_bad_space_strings_are_one_line_errors_before_ray(capsys, space, needle)
     (["search", "--space", "optim.lr=uniform(0.01,0.1)", "--model", "resnet9000"], "model.name"),
 ])
 def test_bad_search_options_are_one_line_errors(capsys, argv, needle):
-    _one_line_error(capsys, argv, needle)
+    assert needle in one_line_error(capsys, argv)
 
 
 def test_space_values_are_typed():
