@@ -112,7 +112,7 @@ def _drive(actors, steps: int, chunk: int, lr: float, epoch0: int) -> float:
     return time.perf_counter() - t0
 
 
-def _job(data, **sections):
+def _job(**sections):
     from ray_train.config import build_config
 
     return build_config(overrides={"model": {"name": "net_d"}, **sections})
@@ -126,7 +126,7 @@ def hogwild_vs_independent(data, data_ref, steps: int = 200, warmup: int = 20, r
     from ray_train.group import ReplicaGroup
 
     def cfg(strategy, replicas):
-        return _job(data, run={"strategy": strategy}, resources={"replicas": replicas, "cpus_per_replica": 0.5})
+        return _job(run={"strategy": strategy}, resources={"replicas": replicas, "cpus_per_replica": 0.5})
 
     hog_cfg, solo_cfg = cfg("hogwild", 2), cfg("sync", 1)
     hog = HogwildGroup.create(hog_cfg, data_ref, model_factory(hog_cfg, data), HogwildReplica)
@@ -165,7 +165,7 @@ def sandblaster_stragglers(data, data_ref, replicas: int = 2, iterations: int = 
     engines = {}
     try:
         for dispatch, sl in cases:
-            cfg = _job(data, run={"strategy": "sandblaster", "slow_replica": sl},
+            cfg = _job(run={"strategy": "sandblaster", "slow_replica": sl},
                        resources={"replicas": replicas, "cpus_per_replica": 0.5 / replicas},
                        sandblaster={"iterations": 1, "dispatch": dispatch})
             sink = MetricsSink(NullLogger(), out=io.StringIO(), progress=False)
