@@ -16,7 +16,7 @@ def __getattr__(name: str):
 
         return fit
     if name == "Dataset":
-        from ray_train.data import Dataset
+        from ray_train.data.dataset import Dataset
 
         return Dataset
     if name == "TrainConfig":

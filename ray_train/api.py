@@ -16,20 +16,22 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import signal
 import sys
-import threading
 import time
 from collections.abc import Mapping
 
 import numpy as np
 
-from ray_train.checkpoint import RUN_FILE, CheckpointStore, write_run_file
-from ray_train.config import ConfigError, TrainConfig, UserError, build_config, load_yaml, member_config, member_specs
-from ray_train.data import Dataset, load_dataset, steps_per_epoch
-from ray_train.files import save_atomic, write_json
-
-CUSTOM = "custom"  # model.name / data.dataset of a callable or arrays handed to fit()
+from ray_train import strategies
+from ray_train.config import TrainConfig, build_config, load_yaml
+from ray_train.data.dataset import Dataset
+from ray_train.data.loaders import load_dataset
+from ray_train.errors import ConfigError
+from ray_train.network import CUSTOM, check_model, model_factory
+from ray_train.run.checkpoint import CheckpointStore
+from ray_train.run.files import write_json
+from ray_train.run.outputs import make_run_dir
+from ray_train.run.signals import StopSignals
 
 
 def fit(config: TrainConfig | Mapping | str | None = None, model=None, data=None, *, tensorboard: bool = True,
@@ -43,7 +45,7 @@ def fit(config: TrainConfig | Mapping | str | None = None, model=None, data=None
     cfg, dataset = _with_data(cfg, data)
     cfg = _with_lambda(cfg, dataset)
     # every mistake that the config and the data show is reported before Ray starts
-    runs = [cfg] if cfg.run.strategy != "ensemble" else [member_config(cfg, s) for s in member_specs(cfg)]
+    runs = strategies.get(cfg.run.strategy).model_configs(cfg)
     for checked in {(c.model.name, c.model.dropout): c for c in runs}.values():
         check_model(model_factory(checked, dataset, custom), dataset, checked)
     factory = model_factory(cfg, dataset, custom)
@@ -94,130 +96,35 @@ def _with_data(cfg: TrainConfig, data) -> tuple[TrainConfig, Dataset]:
 def _with_lambda(cfg: TrainConfig, data: Dataset) -> TrainConfig:
     """Nielsen's lambda (optim.l2_lambda) as the per-step weight decay, now that the training set's
     size is known (after the validation split and any expansion)."""
-    from ray_train.optim import weight_decay_from_lambda
+    from ray_train.worker.optim import weight_decay_from_lambda
 
     o = cfg.optim
     if o.l2_lambda is None:
         return cfg
-    replicas = cfg.ensemble.replicas_per_member if cfg.run.strategy == "ensemble" else cfg.resources.replicas
-    batch = cfg.run.batch_size * replicas
-    if cfg.run.strategy == "sandblaster":  # one L-BFGS batch per step
-        batch = min(cfg.sandblaster.lbfgs_batch or len(data.y_train), len(data.y_train))
+    batch = strategies.get(cfg.run.strategy).step_examples(cfg, len(data.y_train))
     decay = weight_decay_from_lambda(o.l2_lambda, len(data.y_train), batch, o.l2_cost)
     return _replace(cfg, "optim", weight_decay=decay, l2_lambda=None)
-
-
-def model_factory(cfg: TrainConfig, data: Dataset, custom=None):
-    """The zero-argument callable replicas build their network with."""
-    from models import ImportedFactory, RegistryFactory
-
-    if custom is not None:
-        return custom
-    if cfg.model.name == CUSTOM:
-        raise ConfigError("model.name: 'custom' means a callable handed to ray_train.fit(model=...); none was "
-                          "given (from the command line use a registry name or --model package.module:function)")
-    if ":" in cfg.model.name:
-        return ImportedFactory(cfg.model.name)
-    return RegistryFactory(cfg.model.name, dropout=cfg.model.dropout, input_shape=tuple(data.input_shape),
-                           num_classes=data.num_classes, init=cfg.model.init)
-
-
-def check_model(factory, data: Dataset, cfg: TrainConfig) -> None:
-    """Build the network once on the driver and run two test examples through it, so that a model
-    that cannot be built or does not fit the data is one clear error before any actor starts. Also
-    checks that every replica gets at least one batch per epoch."""
-    import torch
-
-    from ray_train.data import to_tensor
-
-    with torch.random.fork_rng():
-        try:
-            net = factory()
-            if not isinstance(net, torch.nn.Module):
-                raise TypeError(f"it returned a {type(net).__name__}, not a torch.nn.Module")
-            with torch.no_grad():
-                out = net.eval()(to_tensor(data.x_test[:2]))
-        except Exception as exc:
-            raise UserError(f"model: {cfg.model.name} does not build or run on {data.name}'s inputs of shape "
-                            f"{list(data.input_shape)}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-                            ) from exc
-    want = (min(2, len(data.y_test)), data.num_classes)
-    if tuple(out.shape) != want:
-        raise UserError(f"model: {cfg.model.name} gives outputs of shape {list(out.shape)} for {want[0]} examples; "
-                        f"{data.name} has {data.num_classes} classes, so expected {list(want)} (one logit per class)")
-    if cfg.run.strategy == "sandblaster":  # no SGD batches: its own checks of units and batch run at start
-        return
-    workers = 1 if cfg.run.strategy == "async" else (
-        cfg.ensemble.replicas_per_member if cfg.run.strategy == "ensemble" else cfg.resources.replicas)
-    if steps_per_epoch(len(data.y_train), workers, cfg.run.batch_size) == 0:
-        share = len(data.y_train) // workers
-        raise ConfigError(f"run.batch_size: {cfg.run.batch_size} is larger than a replica's share of the training "
-                          f"set ({share} examples with {workers} replica(s)); lower --batch-size or --replicas")
-
-
-class StopSignals:
-    """SIGINT and SIGTERM ask the run to stop at the next chunk (the second SIGINT aborts at once).
-    Installed around a run in the main thread; a no-op elsewhere (a run inside a user's thread)."""
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self._previous: dict = {}
-
-    def __call__(self) -> bool:
-        return self.signum is not None
-
-    def _handle(self, signum, frame) -> None:
-        if self.signum is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signum = signum
-
-    def __enter__(self) -> "StopSignals":
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
-def make_run_dir(cfg: TrainConfig, name: str) -> str:
-    run_dir = os.path.join(cfg.run.storage, name)
-    if cfg.run.resume:
-        return run_dir  # the CLI checked it is a run folder of this strategy
-    if os.path.exists(os.path.join(run_dir, RUN_FILE)):
-        raise UserError(f"run.run_name: {run_dir} already holds a run; choose another --run-name "
-                        f"or continue it with --resume {run_dir}")
-    if os.path.exists(cfg.run.storage) and not os.path.isdir(cfg.run.storage):
-        raise UserError(f"run.storage: {cfg.run.storage} is a file; --storage needs a folder")
-    try:
-        os.makedirs(run_dir, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"run.storage: cannot create {run_dir}: {exc.strerror or exc}") from None
-    write_run_file(run_dir, cfg.run.strategy, cfg.to_dict())
-    return run_dir
 
 
 def _run(cfg: TrainConfig, data: Dataset, factory, custom, tensorboard: bool, progress, out, on_epoch=None) -> dict:
     import ray
 
-    from ray_train.cluster import check_resources, init_ray
-    from ray_train.engines import ENGINES
-    from ray_train.metrics import MetricsSink, NullLogger, TensorBoardLogger, logged_steps
+    from ray_train.cluster import init_ray
+    from ray_train.metrics.sink import MetricsSink
+    from ray_train.metrics.tensorboard import NullLogger, TensorBoardLogger, logged_steps
+    from ray_train.run.job import Job
 
     t_start = time.perf_counter()
-    ensemble = cfg.run.strategy == "ensemble"
-    # torch and the engine's modules load while Ray starts its processes
-    init_ray(preload=("ray_train.loop", "ray_train.ensemble" if ensemble else ENGINES[cfg.run.strategy][0]))
-    if not ensemble:
-        check_resources(cfg.resources)
+    strategy = strategies.get(cfg.run.strategy)
+    # torch and the strategy's modules load while Ray starts its processes
+    init_ray(preload=("ray_train.run.loop",) + strategy.modules())
+    strategy.check_resources(cfg)
     name = cfg.run_name
     run_dir = make_run_dir(cfg, name)
     checkpoints = CheckpointStore(run_dir, keep=cfg.run.keep_checkpoints)
     found, skip_logged = None, {}
-    if cfg.run.resume and ensemble:
-        # Members resume from their own checkpoints, each at its own step: no single purge step
+    if cfg.run.resume and strategy.resumes_itself:
+        # Its parts resume from their own checkpoints, each at its own step: no single purge step
         # fits them all, so the points the interrupted run wrote are kept and not written again.
         skip_logged = logged_steps(run_dir)
     elif cfg.run.resume:
@@ -236,12 +143,8 @@ def _run(cfg: TrainConfig, data: Dataset, factory, custom, tensorboard: bool, pr
     data_ref = ray.put(data)
     try:
         with StopSignals() as stop:  # after ray.init: Ray installs its own SIGTERM handler there
-            if ensemble:
-                from ray_train.ensemble import run_ensemble
-
-                result = run_ensemble(cfg, data, data_ref, custom, sink, run_dir, stop)
-            else:
-                result = _run_engine(cfg, data, data_ref, factory, sink, run_dir, checkpoints, found, stop, on_epoch)
+            job = Job(strategy, cfg, data, data_ref, factory, custom, sink, run_dir, checkpoints, found, stop, on_epoch)
+            result = strategy.run(job)
     finally:
         sink.flush()
     summary = {"run_name": name, "strategy": cfg.run.strategy, "model": cfg.model.name, "dataset": data.name,
@@ -264,35 +167,6 @@ def _run(cfg: TrainConfig, data: Dataset, factory, custom, tensorboard: bool, pr
     return summary
 
 
-def _run_engine(cfg, data, data_ref, factory, sink, run_dir, checkpoints, found, stop, on_epoch=None) -> dict:
-    from ray_train.engines import engine_class
-    from ray_train.engines.base import EngineContext
-    from ray_train.failure import FailurePolicy
-    from ray_train.loop import RunLoop
-
-    ctx = EngineContext(cfg, data, data_ref, factory, sink, run_dir, FailurePolicy(cfg.run.max_failures))
-    summary = RunLoop(engine_class(cfg.run.strategy)(ctx), checkpoints, stop, found, resume_hint=run_dir,
-                      on_epoch=on_epoch).run()
-    save_models(run_dir, summary, data, {"model_name": cfg.model.name})
-    return summary.to_dict()
-
-
-def save_models(run_dir: str, summary, data: Dataset, extra: dict, vote: bool = False) -> None:
-    """model.pt: the network of the best-validation epoch (the figure the texts report), and
-    model-last.pt the final one. An ensemble member (``vote``) votes with its final network, so
-    there model.pt is the final network and model-best.pt the best-validation one. Each file
-    carries what scripts/evaluate.py needs to rebuild and feed the network."""
-    import torch
-
-    stats = {k: torch.from_numpy(v) for k, v in data.standardize.items()} if data.standardize else None
-    meta = {**extra, "input_shape": list(data.input_shape), "num_classes": data.num_classes, "standardize": stats}
-    best = {**(summary.best_model_state or summary.model_state), **meta, "epoch": summary.best_epoch or summary.epochs}
-    last = {**summary.model_state, **meta, "epoch": summary.epochs}
-    names = (("model.pt", last), ("model-best.pt", best)) if vote else (("model.pt", best), ("model-last.pt", last))
-    for name, state in names:
-        save_atomic(os.path.join(run_dir, name), state)
-
-
 def _flat_hparams(cfg: TrainConfig) -> dict:
     return {f"{section}.{k}": v for section, values in cfg.to_dict().items() for k, v in values.items()
             if v is not None}
@@ -306,7 +180,7 @@ def overfit_check(config=None, model=None, data=None, *, progress: bool | None =
     about 100 training examples, without regularisation, on one replica, and see whether the
     training error goes to (near) zero. A model, loss and optimizer that cannot overfit 100
     examples will not learn the full set either. Returns {passed, train_error, examples, steps}."""
-    from ray_train.data import stratified_split
+    from ray_train.data.dataset import stratified_split
 
     out = out or sys.stdout
     cfg = as_config(config)
@@ -319,7 +193,7 @@ def overfit_check(config=None, model=None, data=None, *, progress: bool | None =
     batch = max(1, min(cfg.run.batch_size, len(y) // 5))
     epochs = -(-OVERFIT_STEPS // (len(y) // batch))
     rep = dataclasses.replace
-    cfg = rep(cfg, run=rep(cfg.run, strategy="sync", epochs=epochs, batch_size=batch, eval_every=epochs,
+    cfg = rep(cfg, run=rep(cfg.run, strategy=strategies.DEFAULT, epochs=epochs, batch_size=batch, eval_every=epochs,
                            target_accuracy=None, time_limit=None, resume=None,
                            run_name=f"overfit-{cfg.run_name}", log_every=min(cfg.run.log_every, len(y) // batch)),
               optim=rep(cfg.optim, weight_decay=0.0, l2_lambda=None, l1=0.0, schedule="constant", early_stop=0),

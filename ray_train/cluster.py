@@ -8,13 +8,9 @@ import os
 import socket
 from dataclasses import dataclass
 
-from ray_train.config import ResourcesConfig, UserError
+from ray_train.errors import ResourceError
 
 PLACEMENT_TIMEOUT_S = 60.0
-
-
-class ResourceError(UserError):
-    """The cluster cannot place what the run asks for."""
 
 
 @dataclass(frozen=True)
@@ -58,7 +54,7 @@ def init_ray(num_cpus: int | None = None, preload: tuple[str, ...] = ()) -> None
     """Join the cluster named by RAY_ADDRESS (as under ``ray job submit``), else start a local one.
 
     A local cluster runs without the dashboard: on a 2-core machine its processes take CPU
-    from the replicas (README, Benchmarks). ``preload`` names modules (torch and what imports it) to
+    from the replicas (docs/benchmarks.md). ``preload`` names modules (torch and what imports it) to
     import in a background thread meanwhile: ray.init spends most of its seconds waiting for the
     processes it starts, and the driver's imports fill that time (about 1 s sooner to the first
     step on the development VM)."""
@@ -97,34 +93,16 @@ def importing_meanwhile(modules: tuple[str, ...], work) -> None:
 def _start_or_join(num_cpus: int | None) -> None:
     import ray
 
+    # Actors import ray_train and models from the installed package (pip install ., which make
+    # does as an editable install) or from the job's working_dir under ``ray job submit``; a local
+    # cluster's workers run this Python with this environment.
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(runtime_env={"env_vars": {"PYTHONPATH": _project_pythonpath()}}, log_to_driver=True)
+        ray.init(log_to_driver=True)
         return
-    # The raylet of a local cluster, and every worker it starts, inherit this process's
-    # environment at ray.init: PYTHONPATH goes that way rather than in a runtime_env, because Ray
-    # hands the worker processes it prestarts to actors only when the job has no runtime_env
-    # (measured: 2 replicas ready in 2.7 s instead of 3.6 s). The driver's own environment is
-    # restored afterwards.
-    saved = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = _project_pythonpath()
-    try:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
-    finally:
-        if saved is None:
-            os.environ.pop("PYTHONPATH", None)
-        else:
-            os.environ["PYTHONPATH"] = saved
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
 
 
-def _project_pythonpath() -> str:
-    # Actors must import ray_train and models from the project root even when the driver was
-    # started from another folder (as ``python scripts/train.py`` does).
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    extra = os.environ.get("PYTHONPATH")
-    return root if not extra else f"{root}{os.pathsep}{extra}"
-
-
-def check_resources(res: ResourcesConfig, count: int | None = None, shards: int = 0, shard_cpus: float = 0.0) -> None:
+def check_resources(res, count: int | None = None, shards: int = 0, shard_cpus: float = 0.0) -> None:
     """Fail fast, naming what is asked and what the cluster has, instead of hanging on placement;
     ``shards`` parameter-server shards of ``shard_cpus`` each come on top of the replicas."""
     import ray
@@ -159,7 +137,7 @@ def concurrent_slots(res, count: int) -> int:
     return max(1, min(count, *fit))
 
 
-def reserve(res: ResourcesConfig, count: int | None = None):
+def reserve(res, count: int | None = None):
     """A placement group with one bundle per replica, ready or a ResourceError within the timeout;
     inside a Ray Tune trial, the trial's own group. Give it back with ``release``."""
     import ray

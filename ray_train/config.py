@@ -8,25 +8,16 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import keyword
 import os
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
-from ray_train.checks import (OPTIMIZERS, ConfigError, UserError, _choice, _factory_spec, _integer,  # noqa: F401
-                             _model_name, _positive)
-from ray_train.regimes import (DISPATCH, MEMBER_KEYS, OUTER_OPTIMIZERS, AsyncConfig, EnsembleConfig,  # noqa: F401
-                              LocalConfig, SandblasterConfig)
+from ray_train import strategies
+from ray_train.errors import ConfigError
+from ray_train.fields import DEFAULT_LR, OPTIMIZERS, _choice, _integer, _model_name, _positive
 
-STRATEGIES = ("sync", "async", "ensemble", "local", "sandblaster", "hogwild")
 DATASETS = ("mnist5k", "mnist", "synthetic")
-# What a run gets when the config names no optimizer or learning rate. Each strategy its own
-# optimizer: DistBelief paired Downpour with AdaGrad on the parameter server (momentum SGD there
-# stays at chance on the default async job); each optimizer its own rate (AdaDelta's 1.0 leaves
-# the step to its rho-only rule; Adam, RMSprop and AMSGrad use their authors' 0.001).
-STRATEGY_OPTIMIZER = {"sync": "momentum", "async": "adagrad", "ensemble": "momentum", "local": "momentum",
-                      "sandblaster": "lbfgs", "hogwild": "momentum"}
-DEFAULT_LR = {"sgd": 0.05, "momentum": 0.05, "nesterov": 0.05, "adagrad": 0.01, "rmsprop": 0.001,
-              "adadelta": 1.0, "adam": 0.001, "amsgrad": 0.001, "lbfgs": 1.0}
 SCHEDULES = ("constant", "step", "inverse", "plateau")
 ALLREDUCE = ("auto", "gloo", "nccl", "shm")
 INITS = ("scaled", "normal")
@@ -94,7 +85,7 @@ class ModelConfig:
     """Weight initialisation of a registry network: scaled (N(0, 1/n_in), Nielsen's default from
     ch. 3 on) or normal (N(0, 1), his large_weight_initializer of ch. 1 and of the 96.49% run)."""
     loss: str = "log_likelihood"
-    """The cost (ray_train/losses.py): log_likelihood (softmax outputs), cross_entropy (sigmoid
+    """The cost (ray_train/worker/losses.py): log_likelihood (softmax outputs), cross_entropy (sigmoid
     outputs, Nielsen ch. 3) or quadratic (sigmoid outputs, ch. 1)."""
 
     def __post_init__(self) -> None:
@@ -109,7 +100,7 @@ class ModelConfig:
 class OptimConfig:
     optimizer: str | None = None
     """sgd, momentum, nesterov, adagrad, rmsprop, adadelta, adam or amsgrad; None: the strategy's
-    (STRATEGY_OPTIMIZER: momentum for sync and ensemble, adagrad for async)."""
+    (each strategy names its own: docs/strategies.md)."""
     lr: float | None = None
     """Initial learning rate eta_0; None: the optimizer's (DEFAULT_LR)."""
     momentum: float = 0.9
@@ -191,8 +182,8 @@ class ResourcesConfig:
 
 @dataclass(frozen=True)
 class RunConfig:
-    strategy: str = "sync"
-    """sync (allreduced gradients), async (Downpour parameter server) or ensemble."""
+    strategy: str = strategies.DEFAULT
+    """The training regime, a name in the strategies registry (ray_train/strategies/; --help lists them)."""
     epochs: int = 12
     """Passes over the training set."""
     batch_size: int = 64
@@ -228,7 +219,7 @@ class RunConfig:
     after each step); a testing and benchmarking aid for straggler tolerance. None: off."""
 
     def __post_init__(self) -> None:
-        _choice("run", "strategy", self.strategy, STRATEGIES)
+        _choice("run", "strategy", self.strategy, strategies.names())
         _choice("run", "allreduce", self.allreduce, ALLREDUCE)
         for name in ("epochs", "batch_size", "seed", "eval_every", "log_every", "checkpoint_every",
                      "keep_checkpoints", "max_failures"):
@@ -260,116 +251,52 @@ def slow_replica(spec: str) -> tuple[int, float]:
     return parsed
 
 
-@dataclass(frozen=True)
-class MemberSpec:
-    """What makes one member differ from the others; stored next to its weights."""
-
-    index: int
-    model: str
-    seed: int
-    optimizer: str
-    lr: float
-    bagging: bool
-    dropout: float | None
-    weight: float
-
-
-def member_specs(cfg: TrainConfig) -> list[MemberSpec]:
-    """K copies of the run's model with seeds seed..seed+K-1, or the configured member list with
-    missing keys taken from the run (a member with another optimizer and no lr takes that
-    optimizer's DEFAULT_LR); the user's values are checked here, naming the member."""
-    ens, raw = cfg.ensemble, cfg.ensemble.members
-    entries = raw if isinstance(raw, list) else [{} for _ in range(int(raw))]
-    specs = []
-    for i, m in enumerate(entries):
-        optimizer = m.get("optimizer", cfg.optim.optimizer)
-        lr = m.get("lr", cfg.optim.lr if optimizer == cfg.optim.optimizer else DEFAULT_LR.get(optimizer))
-        spec = MemberSpec(i, m.get("model", cfg.model.name), m.get("seed", cfg.run.seed + i), optimizer, lr,
-                          m.get("bagging", ens.bagging), m.get("dropout", cfg.model.dropout),
-                          ens.weights[i] if ens.weights is not None else m.get("weight", 1.0))
-        if not isinstance(spec.bagging, bool):
-            raise ConfigError(f"ensemble.members[{i}].bagging: expected true or false, got {spec.bagging!r}")
-        if isinstance(spec.weight, bool) or not isinstance(spec.weight, (int, float)) or not spec.weight >= 0:
-            raise ConfigError(f"ensemble.members[{i}].weight: expected a number >= 0, got {spec.weight!r}")
-        try:
-            member_config(cfg, spec)
-        except ConfigError as exc:  # e.g. "run.seed: ..." -> "ensemble.members[2]: run.seed: ..."
-            raise ConfigError(f"ensemble.members[{i}]: {exc}") from None
-        specs.append(spec)
-    if not any(s.weight > 0 for s in specs):
-        raise ConfigError("ensemble.weights: at least one member weight must be > 0")
-    return specs
-
-
-def member_config(cfg: TrainConfig, spec: MemberSpec) -> TrainConfig:
-    """The run's config as one member sees it; the replicas read everything from it."""
-    rep = dataclasses.replace
-    return rep(cfg, model=rep(cfg.model, name=spec.model, dropout=spec.dropout),
-               optim=rep(cfg.optim, optimizer=spec.optimizer, lr=spec.lr),
-               run=rep(cfg.run, seed=spec.seed),
-               resources=rep(cfg.resources, replicas=cfg.ensemble.replicas_per_member),
-               ensemble=rep(cfg.ensemble, bagging=spec.bagging))
-
-
-SECTIONS: dict[str, type] = {
+# The common sections; each strategy with settings of its own adds its section (strategies/).
+COMMON: dict[str, type] = {
     "run": RunConfig,
     "data": DataConfig,
     "model": ModelConfig,
     "optim": OptimConfig,
     "resources": ResourcesConfig,
-    "async": AsyncConfig,
-    "ensemble": EnsembleConfig,
-    "local": LocalConfig,
-    "sandblaster": SandblasterConfig,
 }
-# TrainConfig attribute of each section ("async" is a Python keyword).
-ATTRS = {name: ("async_" if name == "async" else name) for name in SECTIONS}
+SECTIONS: dict[str, type] = {**COMMON, **strategies.sections()}
+# TrainConfig attribute of each section (a section named after a Python keyword gets a trailing _)
+ATTRS = {name: name + "_" if keyword.iskeyword(name) else name for name in SECTIONS}
 
 
-@dataclass(frozen=True)
-class TrainConfig:
-    """Everything one run needs; built by ``build_config`` from defaults, YAML and CLI flags."""
+def _fill_and_check(self) -> None:
+    """Fill in the optimizer and rate the config left open (the strategy's optimizer, DEFAULT_LR),
+    then the strategy's own checks across sections."""
+    strategy = strategies.get(self.run.strategy)
+    optimizer = self.optim.optimizer or strategy.optimizer
+    lr = self.optim.lr if self.optim.lr is not None else DEFAULT_LR[optimizer]
+    if (optimizer, lr) != (self.optim.optimizer, self.optim.lr):
+        object.__setattr__(self, "optim", dataclasses.replace(self.optim, optimizer=optimizer, lr=lr))
+    strategy.check(self)
+    if self.run.slow_replica is not None and slow_replica(self.run.slow_replica)[0] >= self.resources.replicas:
+        raise ConfigError(f"run.slow_replica: rank {slow_replica(self.run.slow_replica)[0]} is not one of the "
+                          f"{self.resources.replicas} replicas (ranks 0..{self.resources.replicas - 1})")
 
-    run: RunConfig = field(default_factory=RunConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
-    async_: AsyncConfig = field(default_factory=AsyncConfig)
-    ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
-    local: LocalConfig = field(default_factory=LocalConfig)
-    sandblaster: SandblasterConfig = field(default_factory=SandblasterConfig)
 
-    def __post_init__(self) -> None:
-        """Fill in the optimizer and rate the config left open (STRATEGY_OPTIMIZER, DEFAULT_LR)."""
-        optimizer = self.optim.optimizer or STRATEGY_OPTIMIZER[self.run.strategy]
-        lr = self.optim.lr if self.optim.lr is not None else DEFAULT_LR[optimizer]
-        if (optimizer, lr) != (self.optim.optimizer, self.optim.lr):
-            object.__setattr__(self, "optim", dataclasses.replace(self.optim, optimizer=optimizer, lr=lr))
-        strategy = self.run.strategy
-        if strategy == "async" and self.optim.max_norm is not None:
-            raise ConfigError("optim.max_norm: the parameter server applies async updates; max-norm is for sync "
-                              "and ensemble")
-        if (optimizer == "lbfgs") != (strategy == "sandblaster"):
-            raise ConfigError(f"optim.optimizer: {optimizer!r} with run.strategy {strategy!r}; L-BFGS is Sandblaster's "
-                              "optimizer and Sandblaster's only one (leave optim.optimizer unset for the strategy's own)")
-        alpha = self.local.elastic_alpha
-        if strategy == "local" and alpha is not None and alpha * self.resources.replicas > 1:
-            raise ConfigError(f"local.elastic_alpha: alpha x replicas (EASGD's beta) must be <= 1 for the centre to "
-                              f"settle, got {alpha:g} x {self.resources.replicas}; the EASGD paper uses beta = 0.9")
-        if self.run.slow_replica is not None and slow_replica(self.run.slow_replica)[0] >= self.resources.replicas:
-            raise ConfigError(f"run.slow_replica: rank {slow_replica(self.run.slow_replica)[0]} is not one of the "
-                              f"{self.resources.replicas} replicas (ranks 0..{self.resources.replicas - 1})")
+def _run_name(self) -> str:
+    if self.run.run_name:
+        return self.run.run_name
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return f"{self.run.strategy}-{self.model.name}-{stamp}"
 
-    @property
-    def run_name(self) -> str:
-        if self.run.run_name:
-            return self.run.run_name
-        stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-        return f"{self.run.strategy}-{self.model.name}-{stamp}"
 
-    def to_dict(self) -> dict[str, dict[str, Any]]:
-        return {name: dataclasses.asdict(getattr(self, ATTRS[name])) for name in SECTIONS}
+def _to_dict(self) -> dict[str, dict[str, Any]]:
+    return {name: dataclasses.asdict(getattr(self, ATTRS[name])) for name in SECTIONS}
+
+
+# Everything one run needs, built by ``build_config`` from defaults, YAML and CLI flags: one field
+# per section (cfg.run, cfg.optim, ..., cfg.async_ for the async strategy's section).
+TrainConfig = dataclasses.make_dataclass(
+    "TrainConfig", [(ATTRS[name], cls, field(default_factory=cls)) for name, cls in SECTIONS.items()],
+    frozen=True,
+    namespace={"__post_init__": _fill_and_check, "run_name": property(_run_name), "to_dict": _to_dict,
+               "__doc__": "Everything one run needs; built by ``build_config`` from defaults, YAML and CLI flags."})
+TrainConfig.__module__ = __name__  # pickled by reference to ray_train.config.TrainConfig
 
 
 def _section(name: str, values: Any) -> Any:

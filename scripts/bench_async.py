@@ -52,8 +52,8 @@ def _default_job(strategy: str, resources: dict, **asyncs):
 
 
 def _factory(cfg):
-    from ray_train.api import model_factory
-    from ray_train.data import load_dataset
+    from ray_train.data.loaders import load_dataset
+    from ray_train.network import model_factory
 
     return model_factory(cfg, load_dataset(cfg.data))
 
@@ -73,8 +73,8 @@ class SyncCase:
     def __init__(self, data_ref, cfg) -> None:
         import ray
 
-        from ray_train.data import steps_per_epoch
-        from ray_train.group import ReplicaGroup
+        from ray_train.worker.batches import steps_per_epoch
+        from ray_train.worker.group import ReplicaGroup
 
         self.cfg, self.group = cfg, ReplicaGroup.create(cfg, data_ref, _factory(cfg))
         self.spe = steps_per_epoch(ray.get(data_ref).y_train.shape[0], cfg.resources.replicas, cfg.run.batch_size)
@@ -104,7 +104,7 @@ class AsyncCase:
     each replica its own queue of chunks, nobody waiting for anybody."""
 
     def __init__(self, data_ref, cfg) -> None:
-        from ray_train.engines.downpour import Downpour
+        from ray_train.strategies.downpour.engine import Downpour
 
         self.cfg, self.dp, self.next = cfg, Downpour(cfg, data_ref, _factory(cfg), _initial_model(cfg)), 0
         self.transports = sorted({k for per in self.dp.transports for k in per})
@@ -196,10 +196,10 @@ def round_trips(steps: int, rounds: int) -> dict:
     import numpy as np
     import ray
 
-    from ray_train.async_replica import Mailbox, RayChannel, ShmChannel
     from ray_train.cluster import actor_class
-    from ray_train.engines.downpour import flat_params
-    from ray_train.parameter_server import ParameterShard, split_bounds
+    from ray_train.strategies.downpour.engine import flat_params
+    from ray_train.strategies.downpour.parameter_server import ParameterShard, split_bounds
+    from ray_train.strategies.downpour.replica import Mailbox, RayChannel, ShmChannel
 
     cfg = _default_job("async", {"replicas": 1})
     flat = flat_params(_initial_model(cfg))
@@ -245,7 +245,7 @@ def _ps_capacity(shards: int, pushes: int) -> float:
 
     from ray_train.cluster import actor_class
     from ray_train.config import OptimConfig, build_config
-    from ray_train.parameter_server import ParameterShard, split_bounds
+    from ray_train.strategies.downpour.parameter_server import ParameterShard, split_bounds
 
     model = _initial_model(build_config(overrides={"model": {"name": "net_h"}}))
     flat = np.concatenate([p.detach().reshape(-1).numpy() for p in model.parameters()])
@@ -269,7 +269,7 @@ def bench(steps: int = 300, warmup: int = 20, rounds: int = 7, only: str | None 
     import ray
 
     from ray_train.config import DataConfig
-    from ray_train.data import load_dataset
+    from ray_train.data.loaders import load_dataset
 
     data_ref = ray.put(load_dataset(DataConfig(dataset="mnist5k")))
     if only == "transports":

@@ -1,6 +1,6 @@
 """Ensemble section of the benchmark: two members on two CPUs trained at once against the same
 two members one after the other, in the same run, through the strategy's own member runner
-(ray_train.ensemble.run_members with 2 slots, then 1 slot).
+(ray_train.strategies.ensemble.runner.run_members with 2 slots, then 1 slot).
 
 Members are independent, so the parallel run should approach 2x; what eats into it is actor
 start-up, the driver, and Ray's own processes on a 2-core machine. Each member is net D, plain SGD,
@@ -33,8 +33,8 @@ def _context(epochs: int, run_dir: str) -> dict:
     import ray
 
     from ray_train.config import build_config
-    from ray_train.data import load_dataset
-    from ray_train.metrics import MetricsSink
+    from ray_train.data.loaders import load_dataset
+    from ray_train.metrics.sink import MetricsSink
 
     cfg = build_config({}, {"run": {"strategy": "ensemble", "epochs": epochs, "batch_size": BATCH, "log_every": 50,
                                     "storage": run_dir},
@@ -47,7 +47,7 @@ def _context(epochs: int, run_dir: str) -> dict:
 
 
 def _timed(ctx, specs, slots: int) -> dict:
-    from ray_train.ensemble import run_members
+    from ray_train.strategies.ensemble.runner import run_members
 
     t0 = time.perf_counter()
     results = run_members(ctx["cfg"], specs, slots, ctx["data"], ctx["data_ref"], None, ctx["sink"], ctx["run_dir"],
@@ -66,7 +66,7 @@ def bench(epochs: int = 2) -> dict:
     """Parallel (2 members at once) vs sequential (one after the other) wall time and speed-up."""
     import ray
 
-    from ray_train.config import member_specs
+    from ray_train.strategies.ensemble.config import member_specs
 
     cpus = ray.cluster_resources().get("CPU", 0)
     with tempfile.TemporaryDirectory(prefix="bench-ensemble-") as tmp:

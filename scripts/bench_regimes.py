@@ -60,9 +60,9 @@ def _run(strategy: str, epochs: int, storage: str, slow: bool = False) -> dict:
 def _available(strategy: str) -> bool:
     import importlib.util
 
-    from ray_train.engines import ENGINES
+    from ray_train import strategies
 
-    return importlib.util.find_spec(ENGINES[strategy][0]) is not None
+    return strategy in strategies.names() and all(importlib.util.find_spec(m) for m in strategies.get(strategy).modules())
 
 
 def _median(runs: list[dict]) -> dict:
@@ -121,9 +121,9 @@ def _job(**sections):
 def hogwild_vs_independent(data, data_ref, steps: int = 200, warmup: int = 20, rounds: int = 5, chunk: int = 10) -> dict:
     """samples/s of a 2-replica Hogwild group over two 1-replica groups driven at once (4 actors of
     0.5 CPU, one torch thread each, all alive throughout), net D, momentum 0.05, batch 64."""
-    from ray_train.api import model_factory
-    from ray_train.engines.hogwild import HogwildGroup, HogwildReplica
-    from ray_train.group import ReplicaGroup
+    from ray_train.network import model_factory
+    from ray_train.strategies.hogwild.engine import HogwildGroup, HogwildReplica
+    from ray_train.worker.group import ReplicaGroup
 
     def cfg(strategy, replicas):
         return _job(run={"strategy": strategy}, resources={"replicas": replicas, "cpus_per_replica": 0.5})
@@ -155,11 +155,12 @@ def sandblaster_stragglers(data, data_ref, replicas: int = 2, iterations: int = 
     1/(4 replicas) CPU: only one engine computes at a time."""
     import numpy as np
 
-    from ray_train.api import model_factory
-    from ray_train.engines.base import EngineContext
-    from ray_train.engines.sandblaster import SandblasterEngine
-    from ray_train.failure import FailurePolicy
-    from ray_train.metrics import MetricsSink, NullLogger
+    from ray_train.engine import EngineContext
+    from ray_train.metrics.sink import MetricsSink
+    from ray_train.metrics.tensorboard import NullLogger
+    from ray_train.network import model_factory
+    from ray_train.run.failure import FailurePolicy
+    from ray_train.strategies.sandblaster.engine import SandblasterEngine
 
     cases = [(d, s) for d in ("queue", "static") for s in (None, slow)]
     engines = {}
@@ -195,7 +196,7 @@ def bench(epochs: int = 3, rounds: int = 2, regimes=REGIMES, only=("regimes", "s
     import ray
 
     from ray_train.config import DataConfig
-    from ray_train.data import load_dataset
+    from ray_train.data.loaders import load_dataset
 
     data = load_dataset(DataConfig(dataset="mnist5k"))
     data_ref = ray.put(data)

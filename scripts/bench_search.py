@@ -36,8 +36,8 @@ def main() -> None:
     p.add_argument("--storage", default="runs/bench_search")
     args = p.parse_args()
 
+    from ray_train.cli.search import parse_space, run_search
     from ray_train.cluster import init_ray
-    from ray_train.search import parse_space, run_search
 
     values = {"run": {"strategy": "sync", "epochs": args.epochs, "batch_size": 32, "seed": 0, "log_every": 50,
                       "storage": args.storage},

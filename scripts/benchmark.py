@@ -35,7 +35,7 @@ MODEL, LR = "net_b", 0.05
 # -- the cases, each run in its own subprocess ------------------------------------------------
 def _mnist5k():
     from ray_train.config import DataConfig
-    from ray_train.data import load_dataset
+    from ray_train.data.loaders import load_dataset
 
     return load_dataset(DataConfig(dataset="mnist5k"))
 
@@ -47,7 +47,7 @@ def case_plain(threads: int, batch: int, steps: int, warmup: int) -> dict:
 
     from models import build_model
     from ray_train.cluster import tune_malloc
-    from ray_train.data import to_tensor
+    from ray_train.worker.batches import to_tensor
 
     # The same allocator settings as this project's replicas, so that the ratios against this
     # baseline measure distribution alone (untuned, this loop page-faults its buffers back in
@@ -89,11 +89,11 @@ def case_ours(replicas: int, batch: int, steps: int, warmup: int) -> dict:
 
     from ray_train.cluster import init_ray
 
-    init_ray(num_cpus=2, preload=("ray_train.group", "ray_train.data"))  # as the CLI does
+    init_ray(num_cpus=2, preload=("ray_train.worker.group", "ray_train.data.loaders"))  # as the CLI does
 
-    from ray_train.api import model_factory
     from ray_train.config import build_config
-    from ray_train.group import ReplicaGroup
+    from ray_train.network import model_factory
+    from ray_train.worker.group import ReplicaGroup
 
     cfg = build_config({}, {"run": {"batch_size": batch, "log_every": 10},
                             "model": {"name": MODEL}, "optim": {"optimizer": "sgd", "lr": LR},
@@ -131,13 +131,13 @@ def case_ours(replicas: int, batch: int, steps: int, warmup: int) -> dict:
 def _raytrain_loop(config: dict) -> None:
     """Ray Train's worker function: DDP (gloo) over the same model, data and SGD."""
     import numpy as np
-    import torch
-    import torch.nn.functional as F
     import ray.train
     import ray.train.torch
+    import torch
+    import torch.nn.functional as F
 
     from models import build_model
-    from ray_train.data import to_tensor
+    from ray_train.worker.batches import to_tensor
 
     torch.set_num_threads(1)
     ctx = ray.train.get_context()
@@ -306,6 +306,23 @@ def chart(report: dict, path: str) -> None:
     plt.close(fig)
 
 
+def latest_table(report: dict) -> str:
+    """docs/bench-latest.md: the core cases' medians and ratios of this run, with date, machine and command."""
+    lines = ["# Latest `make bench`", "", "<!-- written by scripts/benchmark.py; docs/benchmarks.md explains the cases -->",
+             "", f"{report['date']}, {report['machine']}: `{report['command']}` ({report['repeat']} rounds, "
+             f"{report['steps']} timed steps after {report['warmup']} warm-up, {report['model']}; medians).", ""]
+    if "core" in report:
+        lines += ["| case | samples/s | whole-run wall s |", "|---|---:|---:|"]
+        lines += [f"| {k} | {v['samples_per_s']:,.0f} | {v['wall_s']:.1f} |" for k, v in report["core"]["results"].items()]
+        lines += ["", "| ratio | median | per round |", "|---|---:|---|"]
+        lines += [f"| {k} | {v:.2f} | {', '.join(f'{r[k]:.2f}' for r in report['core']['ratios_per_round'])} |"
+                  for k, v in report["core"]["ratios"].items()]
+    others = [k for k in ("async", "ensemble", "regimes") if k in report]
+    if others:
+        lines += ["", "Sections " + ", ".join(others) + " are in bench/benchmark.json."]
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=300, help="timed steps per system (default 300)")
@@ -314,6 +331,8 @@ def main() -> None:
     p.add_argument("--only", nargs="+", default=["core", "async", "ensemble", "regimes"],
                    choices=["core", "async", "ensemble", "regimes"], help="sections to run (default all)")
     p.add_argument("--out", default="bench", help="folder for benchmark.json and benchmark.png")
+    p.add_argument("--docs", default=os.path.join(ROOT, "docs", "bench-latest.md"),
+                   help="the markdown table of this run (default docs/bench-latest.md; '' for none)")
     p.add_argument("--case", choices=list(CASES), help=argparse.SUPPRESS)
     p.add_argument("--width", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--batch", type=int, default=64, help=argparse.SUPPRESS)
@@ -332,6 +351,9 @@ def main() -> None:
         json.dump(report, fh, indent=2)
     if "core" in report:
         chart(report, os.path.join(args.out, "benchmark.png"))
+    if args.docs:
+        with open(args.docs, "w", encoding="utf-8") as fh:
+            fh.write(latest_table(report))
     print(json.dumps(report, indent=2))
 
 

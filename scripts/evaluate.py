@@ -21,7 +21,7 @@ sys.path.insert(0, ROOT)
 
 import numpy as np  # noqa: E402
 
-from ray_train.config import UserError  # noqa: E402
+from ray_train.errors import UserError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -32,7 +32,7 @@ class _Parser(argparse.ArgumentParser):
 def load_ensemble(run_dir: str) -> tuple[list[dict], list, np.ndarray, dict]:
     """(member specs, eval-mode models, weights, stored config) of the members that vote."""
     from models import ImportedFactory, build_model
-    from ray_train.checkpoint import load_checked
+    from ray_train.run.checkpoint import load_checked
 
     if not os.path.isdir(run_dir):
         raise UserError(f"--run: no such run folder: {run_dir}")
@@ -69,7 +69,7 @@ def probabilities(models: list, x: np.ndarray, batch_size: int = 1000) -> np.nda
     """Softmax of every member, float32 [members, n, classes]."""
     import torch
 
-    from ray_train.data import to_tensor
+    from ray_train.worker.batches import to_tensor
 
     def inputs(model, part):
         t = to_tensor(part)
@@ -87,7 +87,7 @@ def probabilities(models: list, x: np.ndarray, batch_size: int = 1000) -> np.nda
 
 def read_images(path: str) -> np.ndarray:
     """Images as [N, 1, 28, 28]: uint8 kept (scaled later), floats as float32 in [0, 1]."""
-    from ray_train.data import read_idx
+    from ray_train.data.loaders import read_idx
 
     if not os.path.isfile(path):
         raise UserError(f"--images: file not found: {path}")
@@ -118,8 +118,8 @@ def read_images(path: str) -> np.ndarray:
 
 def evaluate(run_dir: str, images: str | None = None) -> dict:
     from ray_train.config import build_config
-    from ray_train.data import load_dataset
-    from ray_train.voting import accuracy, majority_vote, oracle_accuracy, soft_vote
+    from ray_train.data.loaders import load_dataset
+    from ray_train.strategies.ensemble.voting import accuracy, majority_vote, oracle_accuracy, soft_vote
 
     members, models, weights, config = load_ensemble(run_dir)
     if images is not None:

@@ -1,5 +1,5 @@
 """GPU readiness in one command (``make gpu-check``): every GPU test, then the GPU figures the
-README owes, printed as one table and written to ``--out``/gpu_check.json.
+docs/gpu.md owes, printed as one table and written to ``--out``/gpu_check.json.
 
   1. a plain single-process PyTorch loop on the GPU against one sync replica on the same GPU;
   2. two sync replicas sharing one GPU (``gpus_per_replica`` 0.5: gradients averaged over gloo);
@@ -32,7 +32,8 @@ def plain_loop(device: str, epochs: int) -> dict:
 
     from models import build_model
     from ray_train.config import DataConfig
-    from ray_train.data import load_dataset, to_tensor
+    from ray_train.data.loaders import load_dataset
+    from ray_train.worker.batches import to_tensor
 
     data = load_dataset(DataConfig(dataset="mnist5k"))
     torch.manual_seed(0)

@@ -1,6 +1,6 @@
 """Where a sync SGD step's time goes, per replica: data, forward + backward, the gradient's copy
 into shared memory, the wait at the barrier (for the slower replica), the average, the optimizer
-step. The README's account of what bounds sync throughput comes from here:
+step. The account in docs/benchmarks.md of what bounds sync throughput comes from here:
 
     python scripts/profile_sync.py                       # 2 replicas, net B, batch 64, shm
     python scripts/profile_sync.py --allreduce gloo      # the allreduce as one phase
@@ -24,8 +24,8 @@ PHASES = ("data", "forward_backward", "write", "barrier", "average", "optimizer"
 def profiled_replica():
     import numpy as np
 
-    from ray_train.comm import SharedMemoryAllreduce
-    from ray_train.replica import Replica
+    from ray_train.worker.comm import SharedMemoryAllreduce
+    from ray_train.worker.replica import Replica
 
     class ProfiledReplica(Replica):
         def __init__(self, *args, **kwargs):
@@ -76,13 +76,13 @@ def main() -> None:
 
     from ray_train.cluster import init_ray
 
-    init_ray(num_cpus=2, preload=("ray_train.group",))
+    init_ray(num_cpus=2, preload=("ray_train.worker.group",))
     import ray
 
-    from ray_train.api import model_factory
     from ray_train.config import DataConfig, build_config
-    from ray_train.data import load_dataset
-    from ray_train.group import ReplicaGroup
+    from ray_train.data.loaders import load_dataset
+    from ray_train.network import model_factory
+    from ray_train.worker.group import ReplicaGroup
 
     cfg = build_config({}, {"run": {"batch_size": args.batch_size, "allreduce": args.allreduce},
                             "model": {"name": args.model}, "optim": {"optimizer": "sgd", "lr": 0.05},

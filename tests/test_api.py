@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import ray_train
-from ray_train.config import UserError
+from ray_train.errors import UserError
 from tests.conftest import ROOT
 
 CLASSES, SHAPE = 4, (3, 8, 8)

@@ -13,14 +13,16 @@ import numpy as np
 import pytest
 import torch
 
-import ray_train.engines as engines
-from ray_train.api import fit, model_factory
+from ray_train import strategies
+from ray_train.api import fit
 from ray_train.cli import main
 from ray_train.cluster import ReplicaContext
 from ray_train.config import build_config
-from ray_train.data import load_dataset, shard_batches
-from ray_train.engines import downpour
-from ray_train.replica import Replica
+from ray_train.data.loaders import load_dataset
+from ray_train.network import model_factory
+from ray_train.strategies.downpour import engine as downpour
+from ray_train.worker.batches import shard_batches
+from ray_train.worker.replica import Replica
 
 # 20 epochs: the accuracies compared below must sit where the curve has flattened. Measured
 # (2026-11-24, 2 cores): after 3 epochs undisturbed runs spread over 91.1-93.2%; after 10, over
@@ -45,10 +47,10 @@ class HookedEngine(downpour.DownpourEngine):
 
 
 def _execute(cfg, monkeypatch=None, hooks=None) -> dict:
-    """ray_train.fit (summary.json and all); ``hooks`` reach the Downpour engine through ENGINES."""
+    """ray_train.fit (summary.json and all); ``hooks`` reach the Downpour engine through the registry."""
     if hooks is not None:
         monkeypatch.setattr(HookedEngine, "hooks", staticmethod(hooks))
-        monkeypatch.setitem(engines.ENGINES, "async", (__name__, "HookedEngine"))
+        monkeypatch.setattr(strategies.get("async"), "engine", f"{__name__}:HookedEngine")
     summary = fit(cfg, tensorboard=hooks is None, progress=False, out=io.StringIO())
     on_disk = json.loads(open(os.path.join(cfg.run.storage, cfg.run.run_name, "summary.json")).read())
     assert on_disk["test_accuracy"] == summary["test_accuracy"]

@@ -10,13 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from ray_train.api import model_factory
-from ray_train.async_replica import Mailbox, ShardGone, ShmChannel
-from ray_train.cli import main, parse_config
+from ray_train.cli import main
+from ray_train.cli.train import parse_config
 from ray_train.config import OptimConfig, build_config
-from ray_train.data import load_dataset
-from ray_train.engines import downpour
-from ray_train.parameter_server import ParameterShard, split_bounds
+from ray_train.data.loaders import load_dataset
+from ray_train.network import model_factory
+from ray_train.strategies.downpour import engine as downpour
+from ray_train.strategies.downpour.parameter_server import ParameterShard, split_bounds
+from ray_train.strategies.downpour.replica import Mailbox, ShardGone, ShmChannel
 
 N, STEPS = 1000, 12
 

@@ -5,8 +5,8 @@ import os
 import pytest
 import torch
 
-from ray_train.checkpoint import CheckpointError, CheckpointStore, load_checked, read_run_file, write_run_file
-from ray_train.config import UserError
+from ray_train.errors import CheckpointError, UserError
+from ray_train.run.checkpoint import CheckpointStore, load_checked, read_run_file, write_run_file
 
 
 def _state(i: int) -> dict:

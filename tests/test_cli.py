@@ -57,7 +57,7 @@ def test_bad_config_file(capsys, tmp_path, text, needle):
 
 
 def test_cli_flags_override_yaml(tmp_path):
-    from ray_train.cli import parse_config
+    from ray_train.cli.train import parse_config
 
     path = tmp_path / "job.yaml"
     path.write_text("run: {epochs: 7, batch_size: 32}\nmodel: {name: net_c}\n")

@@ -127,7 +127,7 @@ def test_rayjob_has_the_fields_the_crd_requires():
 
 
 def test_rayjob_entrypoint_is_a_valid_training_command(monkeypatch):
-    from ray_train.cli import parse_config
+    from ray_train.cli.train import parse_config
 
     monkeypatch.chdir(ROOT)  # the entrypoint runs in the job's working dir, a copy of this tree
     job, _ = rayjob_docs()
@@ -169,14 +169,14 @@ def test_job_runtime_env_uploads_the_code_and_nothing_heavy(tmp_path):
 
     env = load("runtime_env.yaml")
     RuntimeEnv(**env)
-    # ray_train.cluster.init_ray sets PYTHONPATH for its actors; Ray rejects a job whose
-    # runtime_env and ray.init() both set one variable
+    # the job's working_dir reaches every worker's path: a PYTHONPATH would hide the uploaded copy
     assert "PYTHONPATH" not in env.get("env_vars", {})
     package = tmp_path / "pkg.zip"
     # .gitignore ignored here on purpose: the excludes alone must keep the heavy folders out
     create_package(ROOT, package, include_gitignore=False, excludes=env["excludes"])
     names = zipfile.ZipFile(package).namelist()
-    for needed in ("ray_train/cli.py", "scripts/train.py", "configs/default.yaml", "requirements.txt"):
+    for needed in ("ray_train/cli/train.py", "ray_train/strategies/sync/engine.py", "models/registry.py", "scripts/train.py",
+                   "configs/default.yaml", "requirements.txt", "pyproject.toml"):
         assert needed in names, needed
     assert any(n.startswith("models/") for n in names)
     heavy = [n for n in names if Path(n).parts[0] in (".venv", "runs", ".git")]

@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from ray_train.compare import curve, default_target, parse_strategies, run_compare, to_target, with_target
+from ray_train.cli.compare import curve, default_target, parse_strategies, run_compare, to_target, with_target
 from tests.conftest import one_line_error
 
 
@@ -79,7 +79,7 @@ def test_compare_writes_table_plot_and_a_tensorboard_run_per_regime(ray_cluster,
     md = open(os.path.join(out_dir, "table.md")).read()
     assert "| sync |" in md and "| local |" in md and "failed: error: optim.optimizer" in md
     assert os.path.getsize(os.path.join(out_dir, "accuracy.png")) > 10_000
-    from ray_train.metrics import logged_steps
+    from ray_train.metrics.tensorboard import logged_steps
 
     for strategy in ("sync", "local"):
         tags = logged_steps(os.path.join(out_dir, strategy))

@@ -1,4 +1,4 @@
-"""Every preset in configs/ loads and validates; the default job is what the README says."""
+"""Every preset in configs/ loads and validates; the default job is what the docs say."""
 import glob
 import os
 
@@ -49,7 +49,7 @@ def test_explicit_choices_win_and_each_optimizer_has_its_own_rate():
 
 
 def test_an_ensemble_member_with_another_optimizer_takes_that_optimizers_rate():
-    from ray_train.config import member_specs
+    from ray_train.strategies.ensemble.config import member_specs
 
     cfg = build_config(overrides={"run": {"strategy": "ensemble"}, "optim": {"lr": 0.1},
                                   "ensemble": {"members": [{}, {"optimizer": "adam"}, {"optimizer": "adam", "lr": 0.01}]}})

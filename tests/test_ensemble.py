@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from ray_train.cli import main
-from ray_train.ensemble_member import EnsembleMember, bootstrap_indices
+from ray_train.strategies.ensemble.member import EnsembleMember, bootstrap_indices
 from scripts import evaluate
 
 MEMBERS, EPOCHS, BATCH, TRAIN, TEST = 5, 2, 64, 3500, 1000  # mnist5k less its 500 validation digits
@@ -105,7 +105,7 @@ def test_evaluate_reloads_the_ensemble_and_predicts_images(vote_run, capsys, tmp
     assert again["oracle_accuracy"] == pytest.approx(s["oracle_accuracy"])
 
     from ray_train.config import DataConfig
-    from ray_train.data import load_dataset
+    from ray_train.data.loaders import load_dataset
 
     data = load_dataset(DataConfig())
     x = data.x_test[:6, 0]
@@ -161,7 +161,7 @@ class DyingMember(EnsembleMember):
 def failure_run(ray_cluster, tmp_path_factory):
     from ray import cloudpickle
 
-    from ray_train import ensemble
+    from ray_train.strategies.ensemble import runner as ensemble
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # actors cannot import this test file
     storage = tmp_path_factory.mktemp("fail")
@@ -172,8 +172,8 @@ def failure_run(ray_cluster, tmp_path_factory):
             "--run-name", "fail", "--storage", str(storage), "--no-progress", "--no-tensorboard"]
     mp = pytest.MonkeyPatch()
     mp.setattr(ensemble, "MEMBER_CLASS", DyingMember)
-    from io import StringIO
     from contextlib import redirect_stdout
+    from io import StringIO
 
     out = StringIO()
     try:

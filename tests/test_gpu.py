@@ -11,13 +11,14 @@ import numpy as np
 import pytest
 import torch
 
-from ray_train.api import model_factory
 from ray_train.cli import main
 from ray_train.cluster import ReplicaContext
 from ray_train.config import build_config
-from ray_train.data import load_dataset, shard_batches
-from ray_train.group import ReplicaGroup
-from ray_train.replica import Replica
+from ray_train.data.loaders import load_dataset
+from ray_train.network import model_factory
+from ray_train.worker.batches import shard_batches
+from ray_train.worker.group import ReplicaGroup
+from ray_train.worker.replica import Replica
 
 STEPS, BATCH, SEED = 30, 16, 5
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -11,12 +11,14 @@ import numpy as np
 import pytest
 import torch
 
-import ray_train.engines.hogwild as hogwild
-from ray_train.api import fit, model_factory
+import ray_train.strategies.hogwild.engine as hogwild
+from ray_train.api import fit
 from ray_train.cli import main
-from ray_train.config import ConfigError, build_config
-from ray_train.data import load_dataset
-from ray_train.engines.hogwild import HogwildGroup, HogwildReplica, check_one_node
+from ray_train.config import build_config
+from ray_train.data.loaders import load_dataset
+from ray_train.errors import ConfigError
+from ray_train.network import model_factory
+from ray_train.strategies.hogwild.engine import HogwildGroup, HogwildReplica, check_one_node
 
 EPOCHS, HALF = 4, 2
 # Measured (mlp30, momentum 0.05, batch 64, 2 replicas, 4 epochs, seeds 0-3): sync 84.7-86.3%,

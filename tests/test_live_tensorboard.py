@@ -22,7 +22,7 @@ import urllib.request
 
 import pytest
 
-from ray_train.metrics import FLUSH_SECS
+from ray_train.metrics.tensorboard import FLUSH_SECS
 from tests.conftest import ROOT
 
 VENV_BIN = os.path.dirname(sys.executable)

@@ -1,4 +1,4 @@
-"""The run loop (ray_train/loop.py) driven with a scripted in-process engine, no Ray: every stop
+"""The run loop (ray_train/run/loop.py) driven with a scripted in-process engine, no Ray: every stop
 rule stops where it should, checkpoints there and says why; a run stopped mid-epoch resumes
 exactly; divergence stops at once without checkpointing the broken state; a replica death rewinds
 to the last checkpoint; the failure policy gives up past run.max_failures."""
@@ -8,15 +8,16 @@ import math
 import numpy as np
 import pytest
 
-from ray_train import loop as loop_module
-from ray_train.checkpoint import CheckpointStore
 from ray_train.config import build_config
-from ray_train.data import Dataset
-from ray_train.engines.base import Chunk, Engine, EngineContext
-from ray_train.evaluation import EvalResult
-from ray_train.failure import FailurePolicy, ReplicaDied, ReplicaFailure
-from ray_train.loop import Diverged, Interrupted, RunLoop
-from ray_train.metrics import MetricsSink
+from ray_train.data.dataset import Dataset
+from ray_train.engine import Chunk, Engine, EngineContext
+from ray_train.errors import Diverged, Interrupted, ReplicaFailure
+from ray_train.metrics.sink import MetricsSink
+from ray_train.run import loop as loop_module
+from ray_train.run.checkpoint import CheckpointStore
+from ray_train.run.failure import FailurePolicy, ReplicaDied
+from ray_train.run.loop import RunLoop
+from ray_train.worker.evaluation import EvalResult
 
 TRAIN, TEST, BATCH, CHUNK = 160, 20, 8, 5  # 20 steps per epoch with one replica
 STEP_S = 0.1  # seconds of the fake clock per step

@@ -2,12 +2,11 @@
 differences. Pure torch, CPU, no Ray."""
 import ast
 import pathlib
+import pickle
 
 import pytest
 import torch
 import torch.nn.functional as F
-
-import pickle
 
 from models import MODEL_NAMES, ImportedFactory, RegistryFactory, build_model, import_factory
 from models.conv import Maxout

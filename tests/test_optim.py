@@ -1,4 +1,4 @@
-"""ray_train.optim: optimizers built from OptimConfig, L2 on weights only, the schedules and
+"""ray_train.worker.optim: optimizers built from OptimConfig, L2 on weights only, the schedules and
 early stopping, all checked against hand-computed values."""
 import json
 
@@ -6,8 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from ray_train.config import ConfigError, OptimConfig
-from ray_train.optim import Schedule, build_optimizer, inverse_lr, param_groups, set_lr
+from ray_train.config import OptimConfig
+from ray_train.errors import ConfigError
+from ray_train.worker.optim import Schedule, build_optimizer, inverse_lr, param_groups, set_lr
 
 
 def _model() -> nn.Module:
@@ -114,11 +115,11 @@ def test_inverse_schedule_counts_iterations():
 def test_a_replica_applies_the_inverse_schedule_every_iteration():
     """Inside an epoch the rate falls step by step: after k steps of epoch 1 (spe steps each) the
     optimizer holds eta_t of iteration spe + k."""
-    from ray_train.api import model_factory
     from ray_train.cluster import ReplicaContext
     from ray_train.config import build_config
-    from ray_train.data import load_dataset
-    from ray_train.replica import Replica
+    from ray_train.data.loaders import load_dataset
+    from ray_train.network import model_factory
+    from ray_train.worker.replica import Replica
 
     cfg = build_config(overrides={"run": {"batch_size": 16}, "model": {"name": "mlp30"},
                                   "data": {"dataset": "synthetic", "synthetic_train": 160, "synthetic_test": 16},
@@ -222,7 +223,7 @@ def test_one_adadelta_step_is_the_rho_only_rule():
     """AdaDelta (Zeiler 2012) has no learning rate: with the default rate 1.0 one step is
     E[g2] = rho E[g2] + (1 - rho) g2; dx = -sqrt(E[dx2] + eps) / sqrt(E[g2] + eps) g;
     E[dx2] = rho E[dx2] + (1 - rho) dx2."""
-    from ray_train.config import DEFAULT_LR
+    from ray_train.fields import DEFAULT_LR
 
     rho, eps = 0.95, 1e-6
     w = nn.Parameter(torch.tensor([0.5, -1.0, 2.0]))

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ray_train.config import OptimConfig
-from ray_train.parameter_server import ParameterShard, StalenessGate, decay_ranges, split_bounds
+from ray_train.strategies.downpour.parameter_server import ParameterShard, StalenessGate, decay_ranges, split_bounds
 
 N, STEPS = 1000, 25
 

@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from ray_train.api import model_factory
 from ray_train.cli import main
 from ray_train.cluster import ReplicaContext
 from ray_train.config import build_config
-from ray_train.data import load_dataset, shard_batches
-from ray_train.replica import Replica
+from ray_train.data.loaders import load_dataset
+from ray_train.network import model_factory
+from ray_train.worker.batches import shard_batches
+from ray_train.worker.replica import Replica
 from tests.conftest import one_line_error
 
 EPOCHS, HALF, BATCH, REPLICAS, LOG_EVERY, TRAIN = 4, 2, 64, 2, 10, 3500  # mnist5k less validation

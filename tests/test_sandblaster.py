@@ -12,9 +12,10 @@ import ray.cloudpickle
 import torch
 
 from ray_train.cli import main
-from ray_train.config import ConfigError, build_config
-from ray_train.engines.sandblaster import SandblasterEngine
-from ray_train.sandblaster_worker import SandblasterWorker
+from ray_train.config import build_config
+from ray_train.errors import ConfigError
+from ray_train.strategies.sandblaster.engine import SandblasterEngine
+from ray_train.strategies.sandblaster.worker import SandblasterWorker
 
 EPOCHS, ITERATIONS, UNITS = 2, 4, 16
 
@@ -61,10 +62,11 @@ def test_equals_torch_lbfgs_on_the_whole_batch_in_one_process(reference):
     """The distributed objective (units summed / batch + 0.5 wd |w|^2 on weights) and its gradient
     are the single-process ones: the same LBFGS settings on one process follow the same path (up
     to float summation order)."""
-    from ray_train import losses
-    from ray_train.api import model_factory
-    from ray_train.data import load_dataset, to_tensor
-    from ray_train.engines.sandblaster import MAX_EVALS
+    from ray_train.data.loaders import load_dataset
+    from ray_train.network import model_factory
+    from ray_train.strategies.sandblaster.engine import MAX_EVALS
+    from ray_train.worker import losses
+    from ray_train.worker.batches import to_tensor
 
     storage, _ = reference
     wd, iterations = 1e-3, 4
@@ -218,7 +220,7 @@ def test_a_stationary_start_stops_as_converged(reference):
     from torch import nn
 
     from ray_train.api import fit
-    from ray_train.data import Dataset
+    from ray_train.data.dataset import Dataset
 
     def zero_linear():
         net = nn.Sequential(nn.Flatten(), nn.Linear(16, 4))

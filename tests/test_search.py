@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from ray_train.search import Param, grid_points, grid_size, parse_param, parse_space, run_search, trial_bundles
+from ray_train.cli.search import Param, grid_points, grid_size, parse_param, parse_space, run_search, trial_bundles
 from tests.conftest import one_line_error
 
 
@@ -76,7 +76,7 @@ def test_a_trial_reserves_an_empty_head_and_a_bundle_per_replica():
 def test_two_trials_at_once_and_best_yaml_reruns_the_best_trial_exactly(ray_cluster, tmp_path):
     from ray_train.api import fit
     from ray_train.config import load_yaml
-    from ray_train.metrics import logged_steps
+    from ray_train.metrics.tensorboard import logged_steps
 
     values = {"run": {"strategy": "sync", "epochs": 1, "batch_size": 64, "seed": 3, "storage": str(tmp_path),
                       "log_every": 20},

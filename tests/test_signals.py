@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from ray_train.cli import main
-from ray_train.checkpoint import CheckpointStore
+from ray_train.run.checkpoint import CheckpointStore
 from tests.conftest import ROOT
 
 # mlp30 with batch 8: ~1 s epochs, so that the signal (0.3 s after the first epoch line) lands mid-epoch

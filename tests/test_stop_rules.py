@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from ray_train.api import fit
-from ray_train.checkpoint import CheckpointStore
+from ray_train.run.checkpoint import CheckpointStore
 
 STRATEGIES = {
     "sync": {"resources": {"replicas": 2, "cpus_per_replica": 0.5}},

@@ -3,12 +3,13 @@ the same samples (the rule that keeps the strategy honest)."""
 import numpy as np
 import pytest
 
-from ray_train.api import model_factory
 from ray_train.cluster import ReplicaContext
 from ray_train.config import build_config
-from ray_train.data import load_dataset, shard_batches
-from ray_train.group import ReplicaGroup
-from ray_train.replica import Replica
+from ray_train.data.loaders import load_dataset
+from ray_train.network import model_factory
+from ray_train.worker.batches import shard_batches
+from ray_train.worker.group import ReplicaGroup
+from ray_train.worker.replica import Replica
 
 STEPS, BATCH, SEED = 50, 16, 3
 

@@ -12,8 +12,8 @@ import ray.cloudpickle
 import torch
 
 from ray_train.cli import main
-from ray_train.engines.sync import SyncEngine
-from ray_train.replica import Replica
+from ray_train.strategies.sync.engine import SyncEngine
+from ray_train.worker.replica import Replica
 
 EPOCHS, KILL_EPOCH, BATCH, REPLICAS, LOG_EVERY, TRAIN = 3, 1, 64, 2, 10, 3500  # mnist5k less validation
 STEPS = TRAIN // REPLICAS // BATCH

@@ -8,13 +8,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ray_train import losses
-from ray_train.api import model_factory, overfit_check
+from ray_train.api import overfit_check
 from ray_train.cluster import ReplicaContext
-from ray_train.config import ConfigError, DataConfig, build_config
-from ray_train.data import load_dataset, standardized
-from ray_train.optim import max_norm_, weight_decay_from_lambda
-from ray_train.replica import Replica
+from ray_train.config import DataConfig, build_config
+from ray_train.data.dataset import standardized
+from ray_train.data.loaders import load_dataset
+from ray_train.errors import ConfigError
+from ray_train.network import model_factory
+from ray_train.worker import losses
+from ray_train.worker.optim import max_norm_, weight_decay_from_lambda
+from ray_train.worker.replica import Replica
 
 
 def test_weight_decay_from_nielsens_lambda():
@@ -136,7 +139,7 @@ def test_overfit_check(ray_cluster, tmp_path, monkeypatch, lr, passed):
 
 def test_slow_replica_sleeps_factor_minus_one_times_its_work(monkeypatch):
     """--slow-replica RANK:FACTOR: only RANK's steps stretch, to FACTOR times their work."""
-    import ray_train.replica as replica
+    import ray_train.worker.replica as replica
 
     clock, slept = [10.0], []
     monkeypatch.setattr(replica.time, "perf_counter", lambda: clock[0])

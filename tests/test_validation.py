@@ -9,8 +9,9 @@ import torch
 
 import ray_train
 from ray_train.api import fit
-from ray_train.config import DataConfig, ConfigError
-from ray_train.data import load_dataset
+from ray_train.config import DataConfig
+from ray_train.data.loaders import load_dataset
+from ray_train.errors import ConfigError
 
 
 def test_default_splits():

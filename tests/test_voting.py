@@ -3,8 +3,14 @@ weights, soft vote, oracle accuracy and pairwise disagreement. No Ray."""
 import numpy as np
 import pytest
 
-from ray_train.voting import (accuracy, disagreement, majority_vote, oracle_accuracy, soft_vote,
-                              vote_counts)
+from ray_train.strategies.ensemble.voting import (
+    accuracy,
+    disagreement,
+    majority_vote,
+    oracle_accuracy,
+    soft_vote,
+    vote_counts,
+)
 
 
 def one_hot_probs(preds, classes, confidence):

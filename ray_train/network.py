@@ -1,0 +1,59 @@
+"""The network a run trains: the zero-argument factory replicas build it with (a registry network,
+a user's "package.module:function" or a callable handed to fit), and one check on the driver that
+it builds and fits the data before any actor starts."""
+from __future__ import annotations
+
+from ray_train import strategies
+from ray_train.config import TrainConfig
+from ray_train.data.dataset import Dataset
+from ray_train.errors import ConfigError, UserError
+from ray_train.worker.batches import steps_per_epoch
+
+CUSTOM = "custom"  # model.name / data.dataset of a callable or arrays handed to fit()
+
+
+def model_factory(cfg: TrainConfig, data: Dataset, custom=None):
+    """The zero-argument callable replicas build their network with."""
+    from models import ImportedFactory, RegistryFactory
+
+    if custom is not None:
+        return custom
+    if cfg.model.name == CUSTOM:
+        raise ConfigError("model.name: 'custom' means a callable handed to ray_train.fit(model=...); none was "
+                          "given (from the command line use a registry name or --model package.module:function)")
+    if ":" in cfg.model.name:
+        return ImportedFactory(cfg.model.name)
+    return RegistryFactory(cfg.model.name, dropout=cfg.model.dropout, input_shape=tuple(data.input_shape),
+                           num_classes=data.num_classes, init=cfg.model.init)
+
+
+def check_model(factory, data: Dataset, cfg: TrainConfig) -> None:
+    """Build the network once on the driver and run two test examples through it, so that a model
+    that cannot be built or does not fit the data is one clear error before any actor starts. Also
+    checks that every replica gets at least one batch per epoch."""
+    import torch
+
+    from ray_train.worker.batches import to_tensor
+
+    with torch.random.fork_rng():
+        try:
+            net = factory()
+            if not isinstance(net, torch.nn.Module):
+                raise TypeError(f"it returned a {type(net).__name__}, not a torch.nn.Module")
+            with torch.no_grad():
+                out = net.eval()(to_tensor(data.x_test[:2]))
+        except Exception as exc:
+            raise UserError(f"model: {cfg.model.name} does not build or run on {data.name}'s inputs of shape "
+                            f"{list(data.input_shape)}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                            ) from exc
+    want = (min(2, len(data.y_test)), data.num_classes)
+    if tuple(out.shape) != want:
+        raise UserError(f"model: {cfg.model.name} gives outputs of shape {list(out.shape)} for {want[0]} examples; "
+                        f"{data.name} has {data.num_classes} classes, so expected {list(want)} (one logit per class)")
+    workers = strategies.get(cfg.run.strategy).epoch_shards(cfg)
+    if workers is None:  # no SGD batches (the engine checks its own when it starts)
+        return
+    if steps_per_epoch(len(data.y_train), workers, cfg.run.batch_size) == 0:
+        share = len(data.y_train) // workers
+        raise ConfigError(f"run.batch_size: {cfg.run.batch_size} is larger than a replica's share of the training "
+                          f"set ({share} examples with {workers} replica(s)); lower --batch-size or --replicas")

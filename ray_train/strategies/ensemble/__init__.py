@@ -1,0 +1,38 @@
+"""--strategy ensemble: K members trained independently, then a majority vote (README.md beside this file)."""
+from __future__ import annotations
+
+from ray_train.strategies.base import Strategy
+from ray_train.strategies.ensemble.config import EnsembleConfig, member_config, member_specs
+
+
+class Ensemble(Strategy):
+    name = "ensemble"
+    summary = "a voting ensemble: K members (each a sync group) trained side by side, combined by majority vote"
+    runner = "ray_train.strategies.ensemble.runner:run_ensemble"
+    section = EnsembleConfig
+    compared = False
+    resumes_itself = True
+    flags = (
+        ("--members", "ensemble", "members", int, "ensemble: K members, seeds seed..seed+K-1 (default 5)"),
+        ("--replicas-per-member", "ensemble", "replicas_per_member", int, "ensemble: each member a sync group of R "
+         "replicas (default 1)"),
+        ("--bagging", "ensemble", "bagging", bool, "ensemble: each member trains on its own bootstrap sample"),
+    )
+
+    def model_configs(self, cfg) -> list:
+        return [member_config(cfg, s) for s in member_specs(cfg)]
+
+    def epoch_shards(self, cfg) -> int:
+        return cfg.ensemble.replicas_per_member
+
+    def step_examples(self, cfg, n_train: int) -> int:
+        return cfg.run.batch_size * cfg.ensemble.replicas_per_member
+
+    def bundles(self, cfg) -> list[dict]:
+        return [self.replica_bundle(cfg) for _ in range(cfg.ensemble.replicas_per_member)]
+
+    def check_resources(self, cfg) -> None:
+        pass  # the runner checks one member's group against the cluster (members queue for slots)
+
+
+STRATEGY = Ensemble()

@@ -1,0 +1,98 @@
+"""Sandblaster's replica: evaluates work units, a slice of an L-BFGS iteration's batch each, at the
+parameters the coordinator (engine.py beside this file) put in the object store. A unit's answer is
+the loss and the gradient summed over its examples; the coordinator adds the units up.
+
+Units are evaluated with the model in eval mode (dropout off): L-BFGS's line search compares the
+loss at several points along one direction and needs one deterministic function of the
+parameters, which random dropout masks would make noisy."""
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+import torch
+
+from ray_train.cluster import ReplicaContext, tune_malloc
+from ray_train.config import TrainConfig
+from ray_train.worker import losses
+from ray_train.worker.batches import to_tensor
+from ray_train.worker.comm import flatten_grads, flatten_params
+from ray_train.worker.replica import pick_device, slow_factor, straggle
+
+RESULT_EXTRA_BYTES = 16  # a unit's loss (float64) and correct count besides its gradient
+DESCRIPTOR_BYTES = 32  # a unit's (version, batch key, lo, hi)
+
+
+def batch_indices(n: int, lbfgs_batch: int | None, seed: int, iteration: int) -> np.ndarray | None:
+    """The examples of L-BFGS iteration ``iteration``: None for the whole training set (in order),
+    else a seeded sample of ``lbfgs_batch`` distinct examples, sorted (the same on every process)."""
+    if lbfgs_batch is None or lbfgs_batch >= n:
+        return None
+    rng = np.random.default_rng([seed, iteration, 0x5B])
+    return np.sort(rng.choice(n, size=lbfgs_batch, replace=False))
+
+
+class SandblasterWorker:
+    """A plain class; ``cluster.actor_class`` makes it an actor (tests may subclass it)."""
+
+    def __init__(self, ctx: ReplicaContext, cfg: TrainConfig, model) -> None:
+        tune_malloc()
+        self.ctx, self.cfg = ctx, cfg
+        torch.set_num_threads(max(1, int(ctx.num_cpus)))
+        self.device = pick_device(ctx)
+        torch.manual_seed(ctx.seed)
+        self.model = model().to(self.device).eval()
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.flat = flatten_params(self.params)  # loaded in place from the coordinator's vector
+        self.grad = flatten_grads(self.params)
+        self.slow = slow_factor(cfg, ctx.rank)
+        self.data = None
+        self.version = None  # of the parameters loaded
+        self.batch_key, self.batch = None, None
+        self.units = 0  # evaluated by this process
+
+    def setup(self, data) -> dict:
+        """Receive the dataset (a method call, not a constructor argument: the actor restarts)."""
+        self.data = data
+        self.version = None
+        return self.info()
+
+    def info(self) -> dict:
+        return {"pid": os.getpid(), "rank": self.ctx.rank, "device": str(self.device)}
+
+    def evaluate(self, version: int, box: list, key: int, lo: int, hi: int) -> dict:
+        """Loss and gradient summed over examples [lo, hi) of iteration ``key``'s batch (key -1: the
+        whole training set), at parameters ``version``. ``box`` holds the parameters' object
+        reference, unresolved: they are fetched only when ``version`` is not the one loaded."""
+        import ray
+
+        t0 = time.perf_counter()
+        fetched = 0
+        if version != self.version:
+            params = ray.get(box[0])
+            with torch.no_grad():
+                self.flat.copy_(torch.from_numpy(np.array(params)))  # a writable copy
+            self.version, fetched = version, params.nbytes
+        idx = self._examples(key, lo, hi)
+        x = to_tensor(self.data.x_train[idx]).to(self.device, non_blocking=True)
+        y = torch.from_numpy(self.data.y_train[idx].copy()).to(self.device, non_blocking=True)
+        self.grad.zero_()
+        out = self.model(x)
+        loss = losses.summed(self.cfg.model.loss, out, y)
+        loss.backward()
+        correct = int((out.argmax(1) == y).sum())
+        grad = self.grad.cpu().numpy().copy()
+        self.units += 1
+        ms = straggle(self.slow, t0)
+        return {"loss_sum": float(loss.detach()), "correct": correct, "n": len(y), "grad": grad, "ms": ms,
+                "fetched": fetched, "pid": os.getpid()}
+
+    def _examples(self, key: int, lo: int, hi: int):
+        if key < 0:
+            return slice(lo, hi)
+        if key != self.batch_key:
+            self.batch_key = key
+            self.batch = batch_indices(len(self.data.y_train), self.cfg.sandblaster.lbfgs_batch,
+                                       self.cfg.run.seed, key)
+        return self.batch[lo:hi]

@@ -1,0 +1,168 @@
+"""A synchronous group of replica actors: created in one placement group, connected by a process
+group, driven a chunk of steps at a time. The sync engine drives one (and so does every member of
+an ensemble, each a sync engine)."""
+from __future__ import annotations
+
+from collections import deque
+
+import numpy as np
+
+from ray_train.cluster import ReplicaContext, actor_class, reserve
+from ray_train.config import TrainConfig
+from ray_train.run.failure import ReplicaDied
+from ray_train.worker.evaluation import EvalResult, combine
+from ray_train.worker.replica import PG_TIMEOUT, Replica
+
+# How long the driver waits, after a replica's collective failed, for the peer death behind it.
+PEER_DEATH_TIMEOUT_S = PG_TIMEOUT.total_seconds()
+QUEUE = 2  # chunks queued per replica: the actors never wait for the driver, and a stop is prompt
+
+
+def choose_allreduce(cfg: TrainConfig, nodes: set[str]) -> tuple[str, bool]:
+    """(torch.distributed backend, use shared memory) for this group's placement."""
+    res, kind = cfg.resources, cfg.run.allreduce
+    own_gpu = res.gpus_per_replica >= 1
+    if kind == "auto":
+        if own_gpu:
+            kind = "nccl"
+        elif res.gpus_per_replica == 0 and len(nodes) == 1 and res.replicas > 1:
+            kind = "shm"
+        else:
+            kind = "gloo"
+    # Replicas sharing one GPU cannot use NCCL (one communicator per device): gloo it is.
+    backend = "nccl" if kind == "nccl" else "gloo"
+    return backend, kind == "shm"
+
+
+class ReplicaGroup:
+    def __init__(self, actors: list, pg, info: list[dict], comm: str, shm_name: str | None = None) -> None:
+        self.actors, self.pg, self.info, self.comm = actors, pg, info, comm
+        self.shm_name = shm_name  # the shared-memory segment of SharedMemoryAllreduce, if any
+        self.closed = False
+
+    @classmethod
+    def create(cls, cfg: TrainConfig, data_ref, model, replica_cls=Replica) -> "ReplicaGroup":
+        """Replicas of ``model`` (a zero-argument factory) seeded with ``cfg.run.seed``."""
+        import ray
+
+        res = cfg.resources
+        pg = reserve(res)
+        actors = [
+            actor_class(replica_cls, num_cpus=res.cpus_per_replica, num_gpus=res.gpus_per_replica, pg=pg,
+                        bundle=rank).remote(
+                ReplicaContext(rank, res.replicas, res.cpus_per_replica, res.gpus_per_replica, cfg.run.seed),
+                cfg, data_ref, model)
+            for rank in range(res.replicas)
+        ]
+        try:
+            info = ray.get([a.info.remote() for a in actors])
+            comm, name = cls.wire(cfg, actors, info)
+        except Exception:
+            cls(actors, pg, [], "none").shutdown(graceful=False)
+            raise
+        return cls(actors, pg, info, comm, name)
+
+    @classmethod
+    def wire(cls, cfg: TrainConfig, actors: list, info: list[dict]) -> tuple[str, str | None]:
+        """Connect the started replicas (a subclass may wire them otherwise; strategies/hogwild/engine.py):
+        the averaging's name and the shared-memory segment's name, if any."""
+        import ray
+
+        from ray_train.worker.comm import SharedMemoryAllreduce
+
+        if len(actors) == 1:
+            return "none", None
+        backend, shm = choose_allreduce(cfg, {i["node_id"] for i in info})
+        port = ray.get(actors[0].free_port.remote())
+        name = SharedMemoryAllreduce.new_name() if shm else None
+        return ray.get([a.connect.remote(info[0]["address"], port, backend, name) for a in actors])[0], name
+
+    def train_epoch(self, epoch: int, lr: float, start: int, chunk: int, on_chunk, should_stop) -> bool:
+        """Run the epoch from step ``start`` as chunks of ``chunk`` steps, QUEUE of them queued on
+        every actor (no per-step round trip through the driver), reporting each chunk's results
+        as it completes. Once ``should_stop()`` is true nothing more is queued and the chunks
+        already queued finish. True when the epoch is complete."""
+
+        steps = self.get([a.set_epoch.remote(epoch, lr, start) for a in self.actors])[0]
+        pending: deque = deque()
+        position, stopping = start, False
+        while True:
+            while not stopping and position < steps and len(pending) < QUEUE:
+                n = min(chunk, steps - position)
+                pending.append([a.train_steps.remote(n) for a in self.actors])
+                position += n
+            if not pending:
+                return position == steps
+            on_chunk(self.get(pending.popleft()))
+            stopping = stopping or should_stop()
+
+    def evaluate(self, split: str, y: np.ndarray) -> EvalResult:
+        return combine(self.get([a.evaluate.remote(split) for a in self.actors]), y)
+
+    def get(self, refs: list) -> list:
+        """ray.get of one call on every replica. When a replica dies, its peers may be stuck in
+        the collective (shared memory spins) or fail in it (gloo raises): the death is what is
+        reported, as ReplicaDied, so the run loop can restart the group from a checkpoint."""
+        import ray
+        from ray.exceptions import RayActorError, RayTaskError
+
+        try:
+            return ray.get(refs)
+        except RayActorError as exc:
+            raise self._died(exc) from exc
+        except RayTaskError:
+            ray.wait(refs, num_returns=len(refs), timeout=PEER_DEATH_TIMEOUT_S)
+            for ref in refs:
+                try:
+                    ray.get(ref, timeout=0)
+                except RayActorError as exc:
+                    raise self._died(exc) from exc
+                except Exception:
+                    pass
+            raise
+
+    def _died(self, exc) -> ReplicaDied:
+        rank = self.rank_of(exc)
+        return ReplicaDied({"rank": rank, "pid": None if rank is None else self.info[rank]["pid"],
+                            "error": type(exc).__name__})
+
+    def rank_of(self, exc) -> int | None:
+        """The rank of the replica a RayActorError is about, if it is one of this group's."""
+        ids = [a._actor_id.hex() for a in self.actors]
+        actor_id = getattr(exc, "actor_id", None)
+        return ids.index(actor_id) if actor_id in ids else None
+
+    def state(self) -> dict:
+        """Model and optimizer (identical on every replica: rank 0's) and every rank's RNG state."""
+        state, *rngs = self.get([self.actors[0].state.remote()] + [a.rng_state.remote() for a in self.actors])
+        return {**state, "rng": rngs}
+
+    def load_state(self, state: dict) -> None:
+        """Push a checkpoint into every replica; rank r gets ``state["rng"][r]`` when there is one
+        (a run resumed with more replicas keeps the new ranks' seeded RNG)."""
+        import ray
+
+        shared = ray.put({"model": state["model"], "optimizer": state["optimizer"]})
+        rngs = list(state.get("rng") or [])
+        self.get([a.load_state.remote(shared, rngs[r] if r < len(rngs) else None)
+                  for r, a in enumerate(self.actors)])
+
+    def shutdown(self, graceful: bool = True) -> None:
+        """Close the process group and kill the actors (once; later calls do nothing). After a
+        replica died, ``graceful=False`` skips the close: the survivors may be stuck in a
+        collective and never get to it."""
+        import ray
+
+        from ray_train.cluster import release
+
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            if graceful:
+                ray.get([a.close.remote() for a in self.actors], timeout=30)
+        except Exception:  # a dead replica must not stop the teardown of the others
+            pass
+        for a in self.actors:
+            ray.kill(a)
+        release(self.pg)

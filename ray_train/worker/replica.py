@@ -1,0 +1,213 @@
+"""Replica: a plain class owning one model copy, its optimizer, its device and a shard of the
+data. ``ray_train.cluster.actor_class`` makes it a Ray actor, so tests can call the class directly
+or subclass it to inject faults."""
+from __future__ import annotations
+
+import os
+import time
+from datetime import timedelta
+from functools import partial
+
+import numpy as np
+import torch
+
+from ray_train.cluster import ReplicaContext, free_port, node_address, tune_malloc
+from ray_train.config import TrainConfig, slow_replica
+from ray_train.data.dataset import Dataset
+from ray_train.worker import losses
+from ray_train.worker.batches import eval_shard, shard_batches, to_tensor
+from ray_train.worker.comm import DistAllreduce, SharedMemoryAllreduce, allreduce_bytes, flatten_grads
+from ray_train.worker.evaluation import predict
+from ray_train.worker.optim import build_optimizer, inverse_lr, max_norm_, set_lr
+
+PG_TIMEOUT = timedelta(seconds=120)
+
+
+def pick_device(ctx: ReplicaContext) -> torch.device:
+    """The GPU Ray assigned (Ray sets CUDA_VISIBLE_DEVICES, so it is cuda:0 here), else CPU."""
+    if ctx.num_gpus > 0 and torch.cuda.is_available():
+        return torch.device("cuda", 0)
+    return torch.device("cpu")
+
+
+def slow_factor(cfg: TrainConfig, rank: int) -> float:
+    """How many times as long this rank's steps take (run.slow_replica; 1.0: full speed)."""
+    if cfg.run.slow_replica is None:
+        return 1.0
+    slow_rank, factor = slow_replica(cfg.run.slow_replica)
+    return factor if slow_rank == rank else 1.0
+
+
+def straggle(factor: float, t0: float) -> float:
+    """End a step that began at ``t0`` (perf_counter): a slowed replica (``factor`` > 1) sleeps
+    until the step has taken ``factor`` times its work. Returns the step's milliseconds."""
+    elapsed = time.perf_counter() - t0
+    if factor > 1.0:
+        time.sleep((factor - 1.0) * elapsed)
+        elapsed = time.perf_counter() - t0
+    return elapsed * 1e3
+
+
+class Replica:
+    """``model`` is a zero-argument callable that builds the network (ray_train.api.model_factory):
+    a registry network, a user's ``module:function`` or a user's own callable."""
+
+    def __init__(self, ctx: ReplicaContext, cfg: TrainConfig, data: Dataset | None, model) -> None:
+        self.ctx, self.cfg, self.data = ctx, cfg, data
+        tune_malloc()
+        torch.set_num_threads(max(1, int(ctx.num_cpus)))
+        self.device = pick_device(ctx)
+        torch.manual_seed(ctx.seed)  # identical initial parameters on every replica of a group
+        self.model = model().to(self.device)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.grad = flatten_grads(self.params)
+        self.opt = build_optimizer(self.model.named_parameters(), cfg.optim)
+        # Dropout masks must differ between replicas, initial weights must not.
+        torch.manual_seed(ctx.seed * 1000 + ctx.rank + 1)
+        self.comm = None
+        self.comm_bytes = 0  # moved to or from other processes since the last train_steps result
+        self.slow = slow_factor(cfg, ctx.rank)
+        self.batches = np.empty((0, cfg.run.batch_size), dtype=np.int64)
+        self.cursor = 0
+
+    # -- wiring -------------------------------------------------------------------------------
+    def info(self) -> dict:
+        import ray
+
+        return {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
+                "address": node_address(), "device": str(self.device)}
+
+    def free_port(self) -> int:
+        return free_port()
+
+    def connect(self, address: str, port: int, backend: str, shm_name: str | None) -> str:
+        """Join the group's process group; with ``shm_name``, average through shared memory."""
+        import torch.distributed as dist
+
+        dist.init_process_group(backend, init_method=f"tcp://{address}:{port}", rank=self.ctx.rank,
+                                world_size=self.ctx.world_size, timeout=PG_TIMEOUT)
+        if shm_name is None:
+            self.comm = DistAllreduce(self.ctx.world_size)
+        else:
+            # Rank 0 creates the segment before the first barrier, the others attach after it;
+            # after the second, every rank holds a mapping and rank 0 removes the name.
+            if self.ctx.rank == 0:
+                self.comm = SharedMemoryAllreduce(shm_name, 0, self.ctx.world_size, self.grad.numel(), create=True)
+            dist.barrier()
+            if self.ctx.rank != 0:
+                self.comm = SharedMemoryAllreduce(shm_name, self.ctx.rank, self.ctx.world_size,
+                                                  self.grad.numel(), create=False)
+            dist.barrier()
+            if self.ctx.rank == 0:
+                self.comm.unlink()
+        for p in self.model.parameters():
+            dist.broadcast(p.data, src=0)
+        return type(self.comm).__name__
+
+    def close(self) -> None:
+        import torch.distributed as dist
+
+        if self.comm is not None:
+            self.comm.close()
+            self.comm = None
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+    # -- training ----------------------------------------------------------------------------
+    def set_epoch(self, epoch: int, lr: float, start: int = 0) -> int:
+        """Prepare this epoch's batches (this rank's shard) and learning rate, positioned ``start``
+        steps in (a run resumed mid-epoch); returns the epoch's steps."""
+        set_lr(self.opt, lr)
+        self.model.train()
+        self.batches = shard_batches(len(self.data.y_train), self.ctx.world_size, self.ctx.rank,
+                                     self.cfg.run.batch_size, self.cfg.run.seed, epoch)
+        self.iteration0 = epoch * len(self.batches)  # steps before this epoch (the inverse schedule's t)
+        self.cursor = start
+        return len(self.batches)
+
+    def train_steps(self, n: int) -> dict:
+        """Run the next ``n`` steps of the epoch; returns sums and per-step times."""
+        loss_sum = torch.zeros((), device=self.device)
+        correct = torch.zeros((), dtype=torch.int64, device=self.device)
+        step_ms = np.empty(n, dtype=np.float32)
+        todo = self.batches[self.cursor : self.cursor + n]
+        inverse = self.cfg.optim.schedule == "inverse"
+        for i, idx in enumerate(todo):
+            t0 = time.perf_counter()
+            if inverse:
+                set_lr(self.opt, inverse_lr(self.cfg.optim, self.iteration0 + self.cursor + i + 1))
+            loss, hits = self.step(idx)
+            loss_sum += loss
+            correct += hits
+            step_ms[i] = straggle(self.slow, t0)
+        self.cursor += len(todo)
+        samples = len(todo) * self.cfg.run.batch_size
+        moved, self.comm_bytes = self.comm_bytes, 0
+        return {"loss_sum": float(loss_sum) * self.cfg.run.batch_size, "correct": int(correct),
+                "samples": samples, "step_ms": step_ms[: len(todo)], "rank": self.ctx.rank, "comm_bytes": moved}
+
+    def step(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """One synchronous step on training examples ``idx``: loss and correct count."""
+        loss, hits = self.gradients(*self.batch(idx))
+        if self.comm is not None:
+            self.comm.mean_(self.grad)
+            self.comm_bytes += allreduce_bytes(self.grad, self.ctx.world_size)
+        self.opt.step()
+        if self.cfg.optim.max_norm is not None:
+            max_norm_(self.params, self.cfg.optim.max_norm)
+        return loss, hits
+
+    def batch(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training examples ``idx`` as (images, labels) on this replica's device."""
+        x = to_tensor(self.data.x_train[idx]).to(self.device, non_blocking=True)
+        y = torch.from_numpy(self.data.y_train[idx]).to(self.device, non_blocking=True)
+        return x, y
+
+    def gradients(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This batch's gradient into ``self.grad``; returns the loss and the correct count."""
+        out = self.model(x)
+        loss = losses.loss(self.cfg.model.loss, out, y)
+        self.grad.zero_()  # not opt.zero_grad(): the grads must stay views into self.grad
+        loss.backward()
+        if self.cfg.optim.l1:  # L1 (Nielsen ch. 3): l1 * sign(w) on weights, not biases
+            for p in self.params:
+                if p.dim() > 1:
+                    p.grad.add_(torch.sign(p.detach()), alpha=self.cfg.optim.l1)
+        return loss.detach(), (out.argmax(1) == y).sum()
+
+    # -- evaluation and state ----------------------------------------------------------------
+    def evaluate(self, split: str = "test") -> dict:
+        """Summed loss and softmax probabilities on this rank's contiguous slice of ``split``."""
+        x, y = getattr(self.data, f"x_{split}"), getattr(self.data, f"y_{split}")
+        idx = eval_shard(len(y), self.ctx.world_size, self.ctx.rank)
+        lo, hi = (int(idx[0]), int(idx[-1]) + 1) if len(idx) else (0, 0)
+        loss_sum, probs = predict(self.model, x[lo:hi], y[lo:hi], partial(losses.summed, self.cfg.model.loss), self.device,
+                                  self.data.num_classes)
+        return {"start": lo, "loss_sum": loss_sum, "probs": probs}
+
+    def flat_params(self) -> np.ndarray:
+        return torch.cat([p.detach().reshape(-1) for p in self.params]).cpu().numpy()
+
+    def weights(self) -> dict[str, np.ndarray]:
+        return {n: p.detach().cpu().numpy() for n, p in self.model.named_parameters()}
+
+    def state(self) -> dict:
+        return {"model": {k: v.cpu() for k, v in self.model.state_dict().items()},
+                "optimizer": self.opt.state_dict()}
+
+    def rng_state(self) -> dict[str, torch.Tensor]:
+        """This process's torch RNG states (dropout masks): a checkpoint needs one per replica."""
+        rng = {"cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return rng
+
+    def load_state(self, state: dict, rng: dict[str, torch.Tensor] | None = None) -> None:
+        """Restore what ``state`` and ``rng_state`` returned (a checkpoint). Parameters are copied
+        in place, so the gradients stay views into the flat buffer that is averaged."""
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        if rng is not None:
+            torch.set_rng_state(rng["cpu"])
+            if "cuda" in rng and self.device.type == "cuda":
+                torch.cuda.set_rng_state(rng["cuda"], self.device)
