@@ -99,7 +99,8 @@ def _start_or_join(num_cpus: int | None) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)
         return
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+    # "local": a cluster of its own, never the newest one `ray start` left on this machine
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
 
 
 def check_resources(res, count: int | None = None, shards: int = 0, shard_cpus: float = 0.0) -> None:
