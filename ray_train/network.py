@@ -45,8 +45,8 @@ def check_model(factory, data: Dataset, cfg: TrainConfig) -> None:
         except Exception as exc:
             shape = data.input_shape
             # images channels-last ([N, H, W, C], as PIL and most image libraries give them)
-            hint = (f"; inputs are [N, C, H, W] (channels first): an array [N, H, W, C] becomes one with "
-                    f"x.transpose(0, 3, 1, 2)" if len(shape) == 3 and shape[-1] in (1, 3, 4) and shape[0] > 4 else "")
+            hint = ("; inputs are [N, C, H, W] (channels first): an array [N, H, W, C] becomes one with "
+                    "x.transpose(0, 3, 1, 2)" if len(shape) == 3 and shape[-1] in (1, 3, 4) and shape[0] > 4 else "")
             raise UserError(f"model: {cfg.model.name} does not build or run on {data.name}'s inputs of shape "
                             f"{list(shape)}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
                             f"{hint}") from exc
