@@ -24,6 +24,8 @@ INITS = ("scaled", "normal")
 LOSSES = ("log_likelihood", "cross_entropy", "quadratic")
 L2_COSTS = ("network2", "network3")
 PLACEMENTS = ("PACK", "SPREAD")
+PRECISIONS = ("fp32", "bf16", "fp16")  # GPU readiness (docs/gpu.md)
+DATA_ON_DEVICE = ("auto", "on", "off")
 MNIST_MIRROR = "https://storage.googleapis.com/cvdf-datasets/mnist/"
 
 
@@ -172,6 +174,9 @@ class ResourcesConfig:
     """GPUs per replica; fractions let replicas share one GPU."""
     placement: str = "PACK"
     """Placement-group strategy for the replicas: PACK or SPREAD."""
+    data_on_device: str = "auto"
+    """Keep the training set on the replica's device, indexed there (no copy per step): auto (on a
+    GPU when it takes at most a quarter of the replica's share of the GPU's memory), on, off."""
 
     def __post_init__(self) -> None:
         _integer("resources", "replicas", self.replicas)
@@ -179,6 +184,7 @@ class ResourcesConfig:
         _positive("resources", "cpus_per_replica", self.cpus_per_replica)
         _positive("resources", "gpus_per_replica", self.gpus_per_replica, zero_ok=True)
         _choice("resources", "placement", self.placement, PLACEMENTS)
+        _choice("resources", "data_on_device", self.data_on_device, DATA_ON_DEVICE)
 
 
 @dataclass(frozen=True)
@@ -202,6 +208,9 @@ class RunConfig:
     allreduce: str = "auto"
     """Gradient averaging in sync SGD: auto (shared memory between replicas on one node's CPUs,
     NCCL when every replica has its own GPU, else gloo), gloo, nccl or shm."""
+    precision: str = "fp32"
+    """Arithmetic of forward and loss: fp32, bf16 or fp16 (autocast; fp16 with a loss scale);
+    parameters, gradients, their averaging and parameter shards stay float32."""
     resume: str | None = None
     """A run folder (runs/<name>) to continue from its last checkpoint."""
     checkpoint_every: int = 1
@@ -222,6 +231,7 @@ class RunConfig:
     def __post_init__(self) -> None:
         _choice("run", "strategy", self.strategy, strategies.names())
         _choice("run", "allreduce", self.allreduce, ALLREDUCE)
+        _choice("run", "precision", self.precision, PRECISIONS)
         for name in ("epochs", "batch_size", "seed", "eval_every", "log_every", "checkpoint_every",
                      "keep_checkpoints", "max_failures"):
             _integer("run", name, getattr(self, name))
@@ -237,6 +247,18 @@ class RunConfig:
             slow_replica(self.slow_replica)
         if self.run_name is not None and (not self.run_name or os.sep in self.run_name):
             raise ConfigError(f"run.run_name: must be a plain folder name, got {self.run_name!r}")
+
+
+def check_allreduce(kind: str, gpus: float) -> None:
+    """The averaging a group's devices allow: shm sums host buffers (CPU replicas only); NCCL
+    needs a whole GPU per replica (one communicator per device)."""
+    if kind == "shm" and gpus > 0:
+        raise ConfigError(f"run.allreduce: shm averages gradients in host memory, for replicas on CPUs, but "
+                          f"resources.gpus_per_replica is {gpus:g}; use auto, nccl (a GPU each) or gloo")
+    if kind == "nccl" and (gpus < 1 or gpus != int(gpus)):
+        raise ConfigError(f"run.allreduce: nccl needs a whole GPU per replica (one communicator per device), but "
+                          f"resources.gpus_per_replica is {gpus:g}; use auto or gloo"
+                          + (" for replicas sharing a GPU" if gpus else ""))
 
 
 def slow_replica(spec: str) -> tuple[int, float]:
@@ -274,6 +296,7 @@ def _fill_and_check(self) -> None:
     if (optimizer, lr) != (self.optim.optimizer, self.optim.lr):
         object.__setattr__(self, "optim", dataclasses.replace(self.optim, optimizer=optimizer, lr=lr))
     strategy.check(self)
+    check_allreduce(self.run.allreduce, self.resources.gpus_per_replica)
     if self.run.slow_replica is not None and slow_replica(self.run.slow_replica)[0] >= self.resources.replicas:
         raise ConfigError(f"run.slow_replica: rank {slow_replica(self.run.slow_replica)[0]} is not one of the "
                           f"{self.resources.replicas} replicas (ranks 0..{self.resources.replicas - 1})")

@@ -8,7 +8,8 @@ import argparse
 import datetime as _dt
 
 from ray_train import strategies
-from ray_train.config import ALLREDUCE, DATASETS, INITS, LOSSES, PLACEMENTS, SCHEDULES, load_yaml
+from ray_train.config import (ALLREDUCE, DATA_ON_DEVICE, DATASETS, INITS, LOSSES, PLACEMENTS, PRECISIONS, SCHEDULES,
+                              load_yaml)
 from ray_train.errors import UserError
 from ray_train.fields import OPTIMIZERS, did_you_mean
 from ray_train.strategies.base import Flag
@@ -52,6 +53,12 @@ COMMON_FLAGS: list[Flag] = [
     ("--eval-every", "run", "eval_every", int, "evaluate every N epochs (default 1)"),
     ("--log-every", "run", "log_every", int, "steps between streamed training metrics (default 10)"),
     ("--allreduce", "run", "allreduce", str, f"gradient averaging for sync: {', '.join(ALLREDUCE)} (default auto)"),
+    # GPU readiness (docs/gpu.md)
+    ("--precision", "run", "precision", str, f"arithmetic of forward and loss: {', '.join(PRECISIONS)} (autocast; fp16 "
+     "with a loss scale; parameters, gradients and their averaging stay fp32; default fp32)"),
+    ("--data-on-device", "resources", "data_on_device", str, f"keep the training set on the replica's device: "
+     f"{', '.join(DATA_ON_DEVICE)} (auto: on a GPU when it takes at most 1/4 of the replica's share of its memory; "
+     "default auto)"),
     ("--expand", "data", "expand", bool, "add Nielsen's 1-pixel shifted copies of the training data (5x)"),
     ("--validation", "data", "validation", float, "share of the training set held out for validation, which the "
      "schedule, early stopping, target accuracy and model.pt read (default: the dataset's own: mnist the last 10,000, "

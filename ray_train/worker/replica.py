@@ -15,8 +15,9 @@ from ray_train.cluster import ReplicaContext, free_port, node_address, tune_mall
 from ray_train.config import TrainConfig, slow_replica
 from ray_train.data.dataset import Dataset
 from ray_train.worker import losses
-from ray_train.worker.batches import eval_shard, shard_batches, to_tensor
-from ray_train.worker.comm import DistAllreduce, SharedMemoryAllreduce, allreduce_bytes, flatten_grads
+from ray_train.worker.batches import eval_shard, shard_batches
+from ray_train.worker.comm import BUCKET_BYTES, DistAllreduce, GradBuckets, SharedMemoryAllreduce, allreduce_bytes, flatten_grads
+from ray_train.worker.device import Inputs, Precision, clock, synchronize, to_host
 from ray_train.worker.evaluation import predict
 from ray_train.worker.optim import build_optimizer, inverse_lr, max_norm_, set_lr
 
@@ -38,9 +39,12 @@ def slow_factor(cfg: TrainConfig, rank: int) -> float:
     return factor if slow_rank == rank else 1.0
 
 
-def straggle(factor: float, t0: float) -> float:
-    """End a step that began at ``t0`` (perf_counter): a slowed replica (``factor`` > 1) sleeps
-    until the step has taken ``factor`` times its work. Returns the step's milliseconds."""
+def straggle(factor: float, t0: float, device: torch.device | None = None) -> float:
+    """End a step that began at ``t0`` (``clock``): a slowed replica (``factor`` > 1) sleeps
+    until the step has taken ``factor`` times its work. Returns the step's milliseconds, read once
+    ``device`` has finished the step."""
+    if device is not None:
+        synchronize(device)
     elapsed = time.perf_counter() - t0
     if factor > 1.0:
         time.sleep((factor - 1.0) * elapsed)
@@ -52,6 +56,11 @@ class Replica:
     """``model`` is a zero-argument callable that builds the network (ray_train.api.model_factory):
     a registry network, a user's ``module:function`` or a user's own callable."""
 
+    # Gradients averaged over torch.distributed bucket by bucket while backward runs (GradBuckets);
+    # a replica whose process group averages something else (local SGD: parameters) turns it off.
+    overlap_grads = True
+    bucket_bytes = BUCKET_BYTES
+
     def __init__(self, ctx: ReplicaContext, cfg: TrainConfig, data: Dataset | None, model) -> None:
         self.ctx, self.cfg, self.data = ctx, cfg, data
         tune_malloc()
@@ -62,6 +71,8 @@ class Replica:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.grad = flatten_grads(self.params)
         self.opt = build_optimizer(self.model.named_parameters(), cfg.optim)
+        self.precision = Precision(cfg.run.precision, self.device, self.opt)
+        self._inputs = None  # built from self.data on first use (Downpour's data comes with setup)
         # Dropout masks must differ between replicas, initial weights must not.
         torch.manual_seed(ctx.seed * 1000 + ctx.rank + 1)
         self.comm = None
@@ -86,7 +97,10 @@ class Replica:
 
         dist.init_process_group(backend, init_method=f"tcp://{address}:{port}", rank=self.ctx.rank,
                                 world_size=self.ctx.world_size, timeout=PG_TIMEOUT)
-        if shm_name is None:
+        if shm_name is None and self.overlap_grads and not self.cfg.optim.l1:
+            # (L1 is added to the gradients after backward: averaged once backward is over, then.)
+            self.comm = GradBuckets(self.params, self.grad, self.ctx.world_size, self.bucket_bytes)
+        elif shm_name is None:
             self.comm = DistAllreduce(self.ctx.world_size)
         else:
             # Rank 0 creates the segment before the first barrier, the others attach after it;
@@ -133,13 +147,13 @@ class Replica:
         todo = self.batches[self.cursor : self.cursor + n]
         inverse = self.cfg.optim.schedule == "inverse"
         for i, idx in enumerate(todo):
-            t0 = time.perf_counter()
+            t0 = clock(self.device)
             if inverse:
                 set_lr(self.opt, inverse_lr(self.cfg.optim, self.iteration0 + self.cursor + i + 1))
             loss, hits = self.step(idx)
             loss_sum += loss
             correct += hits
-            step_ms[i] = straggle(self.slow, t0)
+            step_ms[i] = straggle(self.slow, t0, self.device)
         self.cursor += len(todo)
         samples = len(todo) * self.cfg.run.batch_size
         moved, self.comm_bytes = self.comm_bytes, 0
@@ -152,27 +166,30 @@ class Replica:
         if self.comm is not None:
             self.comm.mean_(self.grad)
             self.comm_bytes += allreduce_bytes(self.grad, self.ctx.world_size)
-        self.opt.step()
+        self.precision.step()
         if self.cfg.optim.max_norm is not None:
             max_norm_(self.params, self.cfg.optim.max_norm)
         return loss, hits
 
     def batch(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """Training examples ``idx`` as (images, labels) on this replica's device."""
-        x = to_tensor(self.data.x_train[idx]).to(self.device, non_blocking=True)
-        y = torch.from_numpy(self.data.y_train[idx]).to(self.device, non_blocking=True)
-        return x, y
+        if self._inputs is None or self._inputs.data is not self.data:
+            self._inputs = Inputs(self.data, self.device, self.cfg.resources.data_on_device,
+                                  self.ctx.num_gpus)
+        return self._inputs(idx)
 
     def gradients(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """This batch's gradient into ``self.grad``; returns the loss and the correct count."""
-        out = self.model(x)
-        loss = losses.loss(self.cfg.model.loss, out, y)
+        with self.precision.autocast():
+            out = self.model(x)
+            loss = losses.loss(self.cfg.model.loss, out.float(), y)
         self.grad.zero_()  # not opt.zero_grad(): the grads must stay views into self.grad
-        loss.backward()
-        if self.cfg.optim.l1:  # L1 (Nielsen ch. 3): l1 * sign(w) on weights, not biases
+        self.precision.backward(loss)
+        if self.cfg.optim.l1:  # L1 (Nielsen ch. 3): l1 * sign(w) on weights, not biases (scaled as they are)
+            l1 = self.cfg.optim.l1 * self.precision.scale()
             for p in self.params:
                 if p.dim() > 1:
-                    p.grad.add_(torch.sign(p.detach()), alpha=self.cfg.optim.l1)
+                    p.grad.add_(torch.sign(p.detach()), alpha=l1)
         return loss.detach(), (out.argmax(1) == y).sum()
 
     # -- evaluation and state ----------------------------------------------------------------
@@ -186,14 +203,17 @@ class Replica:
         return {"start": lo, "loss_sum": loss_sum, "probs": probs}
 
     def flat_params(self) -> np.ndarray:
-        return torch.cat([p.detach().reshape(-1) for p in self.params]).cpu().numpy()
+        return to_host(torch.cat([p.detach().reshape(-1) for p in self.params])).numpy()
 
     def weights(self) -> dict[str, np.ndarray]:
-        return {n: p.detach().cpu().numpy() for n, p in self.model.named_parameters()}
+        return {n: to_host(p).numpy() for n, p in self.model.named_parameters()}
 
     def state(self) -> dict:
-        return {"model": {k: v.cpu() for k, v in self.model.state_dict().items()},
-                "optimizer": self.opt.state_dict()}
+        """The model and optimizer state (fp16: the loss scale too), on the host."""
+        state = {"model": self.model.state_dict(), "optimizer": self.opt.state_dict()}
+        if self.precision.scaler is not None:
+            state["scaler"] = self.precision.state_dict()
+        return to_host(state)
 
     def rng_state(self) -> dict[str, torch.Tensor]:
         """This process's torch RNG states (dropout masks): a checkpoint needs one per replica."""
@@ -207,6 +227,7 @@ class Replica:
         in place, so the gradients stay views into the flat buffer that is averaged."""
         self.model.load_state_dict(state["model"])
         self.opt.load_state_dict(state["optimizer"])
+        self.precision.load_state_dict(state.get("scaler"))
         if rng is not None:
             torch.set_rng_state(rng["cpu"])
             if "cuda" in rng and self.device.type == "cuda":

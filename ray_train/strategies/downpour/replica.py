@@ -7,13 +7,16 @@ It talks to each shard through a channel: a ``ShmChannel`` to a shard on its own
 payload moves through the replica's shared-memory mailbox, a socket carries 16-byte requests and
 8-byte replies) or a ``RayChannel`` (actor calls and the object store: any placement).
 ``async.transport`` chooses: auto and shm take shared memory wherever the shard shares the node
-(shm makes the driver refuse a placement where one does not), ray always takes actor calls."""
+(shm makes the driver refuse a placement where one does not), ray always takes actor calls.
+
+On a GPU the parameters and the accumulated gradient live on the device; each exchange moves one
+flat buffer across (``device.Staging``: pinned host memory, the parameters uploaded asynchronously).
+On the CPU the staging buffers are the tensors themselves: nothing is copied."""
 from __future__ import annotations
 
 import mmap
 import os
 import socket
-import time
 
 import numpy as np
 import torch
@@ -33,6 +36,7 @@ from ray_train.strategies.downpour.parameter_server import (
     mailbox_views,
 )
 from ray_train.worker.batches import shard_batches, steps_per_epoch
+from ray_train.worker.device import Staging, clock
 from ray_train.worker.replica import Replica, straggle
 
 SHARD_RETRIES = 20  # failed calls to one shard in a row before the replica gives up
@@ -175,6 +179,7 @@ class AsyncReplica(Replica):
             p.data = self.flat[offset : offset + p.numel()].view_as(p)
             offset += p.numel()
         self.acc = torch.zeros_like(self.grad)
+        self.params_host, self.acc_host = Staging(self.flat), Staging(self.acc)  # what the shards exchange
         self.mailbox = None if self.transport == "ray" else Mailbox(self.flat.numel())
         self.since_fetch = self.since_push = 0
         self.channels: list = []
@@ -213,12 +218,12 @@ class AsyncReplica(Replica):
     def run(self, start: int, n: int) -> dict:
         """Steps ``start .. start+n-1`` of this rank's own sequence of batches. The driver passes
         ``start``, so a restarted replica resumes its data order where the lost one stopped."""
-        loss_sum = torch.zeros(())
-        correct = torch.zeros((), dtype=torch.int64)
+        loss_sum = torch.zeros((), device=self.device)  # summed where the losses are; to the host once
+        correct = torch.zeros((), dtype=torch.int64, device=self.device)
         step_ms = np.empty(n, dtype=np.float32)
         pushes = 0
         for i, s in enumerate(range(start, start + n)):
-            t0 = time.perf_counter()
+            t0 = clock(self.device)
             epoch, pos = divmod(s, self.spe)
             if epoch != self.local_epoch:
                 self.batches = shard_batches(len(self.data.y_train), self.ctx.world_size, self.ctx.rank,
@@ -229,13 +234,14 @@ class AsyncReplica(Replica):
             loss, hits = self.gradients(*self.batch(self.batches[pos]))
             loss_sum += loss
             correct += hits
-            self.acc += self.grad
+            if self.precision.unscale_(self.grad):  # false only for an fp16 overflow: that step adds nothing
+                self.acc += self.grad
             self.since_fetch = (self.since_fetch + 1) % self.n_fetch
             self.since_push += 1
             if self.since_push == self.n_push:
                 self.push()
                 pushes += 1
-            step_ms[i] = straggle(self.slow, t0)
+            step_ms[i] = straggle(self.slow, t0, self.device)
         # Acknowledged pushes only: when the driver sees this chunk, its updates are on the shards.
         self.settle()
         errors, self.shard_errors = self.shard_errors, []
@@ -253,12 +259,13 @@ class AsyncReplica(Replica):
         for k in range(len(self.shards)):
             if k not in self.prefetched:
                 self._ask(k)
-        flat = self.flat.numpy()
+        flat = self.params_host.writable()
         for k, (lo, hi) in enumerate(self.bounds):
             version = self._read(k, flat[lo:hi])
             self.comm_bytes += 4 * (hi - lo)
             self.versions[k] = version
             self.seen[k] = max(self.seen[k], version)
+        self.params_host.upload(self.flat)
 
     def push(self) -> None:
         import ray
@@ -267,7 +274,7 @@ class AsyncReplica(Replica):
         if self.gate is not None:
             ray.get(self.gate.admit.remote(self.ctx.rank))  # waits on the gate's condition
         self.settle()
-        mean = self.acc.numpy()
+        mean = self.acc_host.download(self.acc)
         # The next step starts with a fetch: have the push return the parameters it produced
         # (one request per shard, not a push and then a pull). With one replica these are exactly
         # what a pull would return: a caller's requests are served in order by a shard.

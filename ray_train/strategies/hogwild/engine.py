@@ -32,6 +32,7 @@ from ray_train.engine import StateMismatch
 from ray_train.errors import ConfigError
 from ray_train.strategies.sync.engine import SyncEngine
 from ray_train.worker.comm import SharedMemoryAllreduce
+from ray_train.worker.device import to_host
 from ray_train.worker.group import ReplicaGroup
 from ray_train.worker.replica import Replica
 
@@ -78,7 +79,7 @@ class HogwildReplica(Replica):
         return loss, hits
 
     def optimizer_state(self) -> dict:
-        return self.opt.state_dict()
+        return to_host(self.opt.state_dict())
 
     def restore(self, model: dict, optimizer: dict | None, rng: dict | None) -> None:
         """A checkpoint's parameters (copied in place, so into the shared vector), this rank's

@@ -28,10 +28,13 @@ import torch
 
 from ray_train.strategies.sync.engine import SyncEngine
 from ray_train.worker.comm import allreduce_bytes, flatten_params
+from ray_train.worker.device import to_host
 from ray_train.worker.replica import Replica
 
 
 class LocalReplica(Replica):
+    overlap_grads = False  # the process group averages parameters, not gradients
+
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         local = self.cfg.local
@@ -44,7 +47,7 @@ class LocalReplica(Replica):
 
     def step(self, idx):
         loss, hits = self.gradients(*self.batch(idx))
-        self.opt.step()
+        self.precision.step()
         self.since_average += 1
         if self.since_average == self.cfg.local.average_every:
             self.average()
@@ -109,11 +112,11 @@ class LocalReplica(Replica):
     def local_state(self) -> dict:
         """What differs between replicas or lives outside the model: the replica's own parameters
         and optimizer state, the steps since the last mix, the outer momentum."""
-        own = {"params": self.flat.cpu().clone(), "optimizer": self.opt.state_dict(),
-               "since_average": self.since_average, "anchor": self.anchor.cpu().clone()}
+        own = {"params": self.flat.clone(), "optimizer": self.opt.state_dict(),
+               "since_average": self.since_average, "anchor": self.anchor.clone()}
         if self.momentum is not None:
-            own["momentum"] = self.momentum.cpu().clone()
-        return own
+            own["momentum"] = self.momentum.clone()
+        return to_host(own)
 
     def load_local_state(self, own: dict) -> None:
         self.flat.copy_(own["params"])

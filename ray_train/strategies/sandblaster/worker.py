@@ -7,8 +7,8 @@ loss at several points along one direction and needs one deterministic function 
 parameters, which random dropout masks would make noisy."""
 from __future__ import annotations
 
+import contextlib
 import os
-import time
 
 import numpy as np
 import torch
@@ -16,8 +16,8 @@ import torch
 from ray_train.cluster import ReplicaContext, tune_malloc
 from ray_train.config import TrainConfig
 from ray_train.worker import losses
-from ray_train.worker.batches import to_tensor
 from ray_train.worker.comm import flatten_grads, flatten_params
+from ray_train.worker.device import Inputs, Precision, clock, to_host
 from ray_train.worker.replica import pick_device, slow_factor, straggle
 
 RESULT_EXTRA_BYTES = 16  # a unit's loss (float64) and correct count besides its gradient
@@ -46,6 +46,9 @@ class SandblasterWorker:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.flat = flatten_params(self.params)  # loaded in place from the coordinator's vector
         self.grad = flatten_grads(self.params)
+        # fp16's loss scale works through an optimizer's parameters; this one never steps
+        self.precision = Precision(cfg.run.precision, self.device, torch.optim.SGD(self.params, lr=0.0))
+        self.inputs = None
         self.slow = slow_factor(cfg, ctx.rank)
         self.data = None
         self.version = None  # of the parameters loaded
@@ -55,6 +58,7 @@ class SandblasterWorker:
     def setup(self, data) -> dict:
         """Receive the dataset (a method call, not a constructor argument: the actor restarts)."""
         self.data = data
+        self.inputs = Inputs(data, self.device, self.cfg.resources.data_on_device, self.ctx.num_gpus)
         self.version = None
         return self.info()
 
@@ -67,26 +71,34 @@ class SandblasterWorker:
         reference, unresolved: they are fetched only when ``version`` is not the one loaded."""
         import ray
 
-        t0 = time.perf_counter()
+        t0 = clock(self.device)
         fetched = 0
         if version != self.version:
             params = ray.get(box[0])
             with torch.no_grad():
                 self.flat.copy_(torch.from_numpy(np.array(params)))  # a writable copy
             self.version, fetched = version, params.nbytes
-        idx = self._examples(key, lo, hi)
-        x = to_tensor(self.data.x_train[idx]).to(self.device, non_blocking=True)
-        y = torch.from_numpy(self.data.y_train[idx].copy()).to(self.device, non_blocking=True)
-        self.grad.zero_()
-        out = self.model(x)
-        loss = losses.summed(self.cfg.model.loss, out, y)
-        loss.backward()
-        correct = int((out.argmax(1) == y).sum())
-        grad = self.grad.cpu().numpy().copy()
+        x, y = self.inputs(self._examples(key, lo, hi))
+        loss, correct = self._gradient(x, y, self.precision)
+        if not self.precision.unscale_(self.grad):  # an fp16 overflow: this unit again in fp32
+            loss, correct = self._gradient(x, y, None)
+        grad = to_host(self.grad).numpy().copy()
         self.units += 1
-        ms = straggle(self.slow, t0)
+        ms = straggle(self.slow, t0, self.device)
         return {"loss_sum": float(loss.detach()), "correct": correct, "n": len(y), "grad": grad, "ms": ms,
                 "fetched": fetched, "pid": os.getpid()}
+
+    def _gradient(self, x, y, precision: Precision | None) -> tuple[torch.Tensor, int]:
+        """The summed loss and gradient (into self.grad) of one unit; ``precision`` None: fp32."""
+        self.grad.zero_()
+        with precision.autocast() if precision else contextlib.nullcontext():
+            out = self.model(x)
+            loss = losses.summed(self.cfg.model.loss, out.float(), y)
+        if precision:
+            precision.backward(loss)
+        else:
+            loss.backward()
+        return loss, int((out.argmax(1) == y).sum())
 
     def _examples(self, key: int, lo: int, hi: int):
         if key < 0:
