@@ -124,3 +124,102 @@ def test_fractional_gpus_on_a_cluster_without_gpus_fail_fast(capsys, ray_cluster
     assert len(err) == 1, err
     assert err[0].startswith("ray_train: error:") and "0.5 GPU = 1 GPU asked" in err[0] and "0 GPU" in err[0]
     assert os.listdir(tmp_path) == [], "nothing written for a run that cannot start"
+
+
+# -- issue 24: every strategy on a GPU, what reaches the driver, precision, data on the device -------
+
+GPU_RUNS = {  # strategy -> (replicas, GPUs per replica, extra sections): fractions share one GPU
+    "sync": (2, 0.5, {}),
+    "local": (2, 0.5, {}),
+    "async": (2, 0.5, {}),
+    "sandblaster": (2, 0.5, {"sandblaster": {"work_units": 4, "iterations": 3}}),
+    "ensemble": (1, 0.5, {"ensemble": {"members": 2}}),
+}
+
+
+def _fit_gpu(storage, name, strategy, replicas, gpus, **extra):
+    import io
+
+    from ray_train.api import fit
+
+    cfg = {"run": {"strategy": strategy, "epochs": 1, "storage": str(storage), "run_name": name},
+           "model": {"name": "net_d"}, "resources": {"replicas": replicas, "cpus_per_replica": 0.5,
+                                                     "gpus_per_replica": gpus}}
+    for section, values in extra.items():
+        cfg[section] = {**cfg.get(section, {}), **values}
+    return fit(cfg, tensorboard=False, progress=False, out=io.StringIO())
+
+
+@needs_cuda
+@pytest.mark.parametrize("strategy", sorted(GPU_RUNS))
+def test_every_strategy_trains_an_epoch_on_one_gpu_and_checkpoints_load_without_cuda(ray_cluster, tmp_path, strategy):
+    from scripts.gpu_check import load_without_cuda
+
+    replicas, gpus, extra = GPU_RUNS[strategy]
+    summary = _fit_gpu(tmp_path, strategy, strategy, replicas, gpus, **extra)
+    assert summary["test_accuracy"] > 0.5, summary["test_accuracy"]
+    if "devices" in summary:
+        assert all(str(d).startswith("cuda") for d in summary["devices"]), summary["devices"]
+    # a driver that sees no GPU (CUDA_VISIBLE_DEVICES="") loads every checkpoint and model file
+    assert load_without_cuda(str(tmp_path / strategy))["files"] >= 2
+
+
+@needs_cuda
+def test_hogwild_on_a_gpu_is_refused_in_one_line(capsys, ray_cluster, tmp_path):
+    from tests.conftest import one_line_error
+
+    line = one_line_error(capsys, ["--strategy", "hogwild", "--gpus-per-replica", "0.5", "--storage", str(tmp_path),
+                                   "--no-tensorboard", "--epochs", "1"])
+    assert "hogwild" in line
+
+
+@needs_cuda
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_on_a_gpu_trains_like_fp32(ray_cluster, tmp_path, precision):
+    acc = {p: _fit_gpu(tmp_path, p, "sync", 1, 1, run={"precision": p})["test_accuracy"] for p in ("fp32", precision)}
+    assert acc[precision] >= acc["fp32"] - 0.02, acc
+
+
+@needs_cuda
+def test_the_training_set_stays_on_the_gpu_and_gives_the_host_path_batches():
+    from ray_train.worker.device import Inputs, keep_on_device
+
+    cfg = build_config(overrides={"data": {"dataset": "mnist5k"}})
+    data = load_dataset(cfg.data, seed=0)
+    cuda = torch.device("cuda", 0)
+    assert keep_on_device("auto", 4 * data.x_train.size, cuda, 0.5), "MNIST-scale data goes on the GPU"
+    assert not keep_on_device("auto", 10 * torch.cuda.get_device_properties(0).total_memory, cuda, 1)
+    resident, host = Inputs(data, cuda, "auto", 1), Inputs(data, cuda, "off", 1)
+    assert resident.resident is not None and resident.resident[0].device.type == "cuda"
+    idx = np.array([3, 1, 400, 3])
+    (xa, ya), (xb, yb) = resident(idx), host(idx)
+    assert xa.device.type == xb.device.type == "cuda"
+    assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+@needs_cuda
+def test_a_downpour_replica_exchanges_through_pinned_host_buffers():
+    from ray_train.worker.device import Staging
+
+    flat = torch.zeros(1000, device="cuda")
+    stage = Staging(flat)
+    assert stage.host.is_pinned() and stage.host.device.type == "cpu"
+    stage.writable()[:] = 2.0
+    stage.upload(flat)
+    assert float(flat.sum()) == 2000.0
+    flat.mul_(3)
+    assert np.all(stage.download(flat) == 6.0)
+
+
+@needs_cuda
+def test_actor_results_and_state_of_a_gpu_replica_are_on_the_cpu():
+    from ray_train.worker.device import tensor_devices
+
+    cfg = _cfg(1, 1)
+    data = load_dataset(cfg.data, seed=SEED)
+    replica = Replica(ReplicaContext(0, 1, 1, 1, SEED), cfg, data, model_factory(cfg, data))
+    assert replica.device.type == "cuda"
+    replica.set_epoch(0, cfg.optim.lr)
+    out = replica.train_steps(5)
+    assert tensor_devices(replica.opt.state_dict()) == {"cuda"}, "momentum buffers live on the GPU"
+    assert tensor_devices([replica.state(), out, replica.evaluate(), replica.rng_state()]) == {"cpu"}
