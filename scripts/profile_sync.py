@@ -45,14 +45,14 @@ def profiled_replica():
                 comm.barrier()
                 t.append(time.perf_counter())
                 comm.reduce(half, self.grad)
-            elif comm is not None:  # a torch.distributed allreduce: one phase, counted as the wait
+            elif comm is not None:  # torch.distributed (GradBuckets start during backward): what is left to wait
                 t.append(time.perf_counter())
                 comm.mean_(self.grad)
                 t.append(time.perf_counter())
             else:
                 t += [t[-1], t[-1]]
             t.append(time.perf_counter())
-            self.opt.step()
+            self.precision.step()
             t.append(time.perf_counter())
             for name, a, b in zip(PHASES, t, t[1:]):
                 self.times[name].append((b - a) * 1e3)
