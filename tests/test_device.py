@@ -127,6 +127,29 @@ def test_a_replica_in_bf16_takes_steps_close_to_fp32():
     assert np.abs(params[0] - params[1]).max() < 0.2 * moved, "bf16 moves the parameters where fp32 does"
 
 
+def test_local_and_sandblaster_replicas_return_host_values_only():
+    from ray_train.strategies.local.engine import LocalReplica
+    from ray_train.strategies.sandblaster.worker import SandblasterWorker
+
+    cfg = build_config(overrides={"run": {"strategy": "local", "precision": "bf16"}, "data": {"dataset": "mnist5k"},
+                                  "model": {"name": "mlp30"}, "resources": {"replicas": 1}})
+    data = load_dataset(cfg.data, seed=0)
+    local = LocalReplica(ReplicaContext(0, 1, 1, 0, 0), cfg, data, model_factory(cfg, data))
+    local.set_epoch(0, cfg.optim.lr)
+    local.train_steps(3)
+    own = local.local_state()
+    assert tensor_devices(own) == {"cpu"} and own["params"].data_ptr() != local.flat.data_ptr()
+    cfg = build_config(overrides={"run": {"strategy": "sandblaster", "precision": "bf16"},
+                                  "data": {"dataset": "mnist5k"}, "model": {"name": "mlp30"}})
+    worker = SandblasterWorker(ReplicaContext(0, 1, 1, 0, 0), cfg, model_factory(cfg, data))
+    worker.setup(data)
+    worker.version = 0  # the parameters are loaded: no object store needed
+    unit = worker.evaluate(0, [None], -1, 0, 32)
+    assert isinstance(unit["grad"], np.ndarray) and unit["grad"].dtype == np.float32
+    assert np.isfinite(unit["grad"]).all() and np.abs(unit["grad"]).max() > 0 and unit["n"] == 32
+    assert tensor_devices(unit) == set()
+
+
 # -- config --------------------------------------------------------------------------------------------
 
 
