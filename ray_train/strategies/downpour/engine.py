@@ -315,7 +315,13 @@ class DownpourEngine(DriverModel, Engine):
                 "staleness_max": max(s["max"] for s in stats), "updates": int(round(updates)),
                 "updates_per_s": updates / max(seconds, 1e-9),
                 "lead_max": None if lead is None else lead["lead_max"], "ps_shards": self.ctx.cfg.async_.ps_shards,
-                "restarts": self.restarts, "transport": self.transport()}
+                "restarts": self.restarts, "transport": self.transport(), "nodes": self.nodes()}
+
+    def nodes(self) -> dict:
+        """Which Ray node runs each replica (by rank) and each parameter shard (by index), now."""
+        replicas = ray.get([retried(r.info).remote() for r in self.actors.replicas])
+        shards = ray.get([retried(s.info).remote() for s in self.actors.shards])
+        return {"replicas": [i["node_id"] for i in replicas], "shards": [i["node_id"] for i in shards]}
 
     def shutdown(self, graceful: bool = True) -> None:
         if getattr(self, "actors", None) is not None:
