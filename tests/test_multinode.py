@@ -123,9 +123,17 @@ def test_hogwild_across_nodes_is_one_line_and_exit_2(cluster, tmp_path, capsys):
     assert "nodes" in line and "hogwild" in line, line
 
 
+def _busy_node(c):
+    """A worker node with a replica on it (none of its CPU free)."""
+    free = ray._private.state.available_resources_per_node()
+    return next(n for n in c.worker_nodes if free.get(n.node_id, {}).get("CPU", 0.0) < 1.0)
+
+
 def _remove_when(c, node, path, timeout_s: float = 300.0):
-    """Remove ``node`` from the cluster as soon as ``path`` exists (a checkpoint the run wrote): a
-    node lost mid-run. Runs beside the driver's fit() in a thread; returns the thread."""
+    """Remove ``node`` (or ``node(c)`` when it is a function) from the cluster as soon as ``path``
+    exists (a checkpoint the run wrote): a node lost mid-run. Runs beside the driver's fit() in a
+    thread (which must not start nodes: Ray sets signal handlers then); returns the thread, whose
+    ``removed`` is the node id."""
     import threading
     import time
 
@@ -133,7 +141,9 @@ def _remove_when(c, node, path, timeout_s: float = 300.0):
         deadline = time.monotonic() + timeout_s
         while not os.path.exists(path) and time.monotonic() < deadline:
             time.sleep(0.05)  # polling a file another process writes; no event to wait on
-        c.remove_node(node, allow_graceful=False)
+        victim = node(c) if callable(node) else node
+        t.removed = victim.node_id
+        c.remove_node(victim, allow_graceful=False)
 
     t = threading.Thread(target=watch, daemon=True)
     t.start()
@@ -144,6 +154,43 @@ def _node(c, node_id):
     return next(n for n in c.worker_nodes if n.node_id == node_id)
 
 
+def test_async_goes_on_without_a_lost_node(cluster, tmp_path):
+    """A worker node removed mid-run and not replaced: the replica on it cannot be restarted (no
+    room), the survivor takes its steps and the run finishes; the failure is in the summary."""
+    from ray_train.api import fit
+
+    c, worker_ids = cluster
+    cfg = _config("async", tmp_path, "a", "SPREAD")
+    cfg["run"].update(epochs=5, eval_every=5)
+    watcher = _remove_when(c, _node(c, worker_ids[1]), tmp_path / "a" / "checkpoints" / "ckpt-000002.pt")
+    summary = fit(cfg, tensorboard=False, progress=False)
+    watcher.join(timeout=60)
+    lost = summary["nodes"]["replicas"].index(None)
+    assert summary["replicas_down"] == [lost]
+    assert [f["rank"] for f in summary["failures"] if f["kind"] == "replica"] == [lost]
+    assert summary["epochs"] == 5 and summary["test_accuracy"] > 0.6
+
+
+def test_sync_restarts_on_a_replacement_node(cluster, tmp_path):
+    """Three 1-CPU nodes for two replicas: one that runs a replica is removed mid-run, and the
+    group restarts from the checkpoint on the two left."""
+    from ray_train.api import fit
+
+    c, _ = cluster
+    for _ in range(3 - len(c.worker_nodes)):
+        c.add_node(num_cpus=1)
+    c.wait_for_nodes()
+    cfg = _config("sync", tmp_path, "r", "SPREAD")
+    cfg["run"].update(epochs=4, eval_every=4)
+    watcher = _remove_when(c, _busy_node, tmp_path / "r" / "checkpoints" / "ckpt-000002.pt")
+    summary = fit(cfg, tensorboard=False, progress=False)
+    watcher.join(timeout=60)
+    assert len(summary["failures"]) == 1 and summary["failures"][0]["restarted_from_epoch"] >= 2, summary["failures"]
+    assert summary["epochs"] == 4 and summary["test_accuracy"] > 0.6
+    assert watcher.removed not in summary["nodes"]["replicas"]
+    assert set(summary["nodes"]["replicas"]) == {n.node_id for n in c.worker_nodes}
+
+
 def test_sync_losing_a_node_with_no_replacement_fails_naming_the_checkpoint(cluster, tmp_path):
     """Last in the module: it takes a worker node away. Exit 1 (ReplicaFailure), never a hang and
     never the user-error status; the checkpoint it names loads."""
@@ -151,10 +198,10 @@ def test_sync_losing_a_node_with_no_replacement_fails_naming_the_checkpoint(clus
     from ray_train.errors import ReplicaFailure
     from ray_train.run.checkpoint import load_checked
 
-    c, worker_ids = cluster
+    c, _ = cluster
     cfg = _config("sync", tmp_path, "lost", "SPREAD")
     cfg["run"].update(epochs=40, eval_every=40)
-    watcher = _remove_when(c, _node(c, worker_ids[1]), tmp_path / "lost" / "checkpoints" / "ckpt-000002.pt")
+    watcher = _remove_when(c, _busy_node, tmp_path / "lost" / "checkpoints" / "ckpt-000002.pt")
     with pytest.raises(ReplicaFailure) as info:
         fit(cfg, tensorboard=False, progress=False)
     watcher.join(timeout=60)
