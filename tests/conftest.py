@@ -12,15 +12,25 @@ RAY_CPUS = 2
 
 
 @pytest.fixture(scope="session")
-def ray_cluster():
+def _ray_down_at_the_end():
+    yield
+    import ray
+
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(_ray_down_at_the_end):
+    """The suite's local cluster, started by the first module that asks and kept for the next ones
+    (tests/test_multinode.py replaces it with a cluster of fake nodes and shuts that down: the next
+    module starts a local one again)."""
     import ray
 
     from ray_train.cluster import init_ray
 
     os.environ.pop("RAY_ADDRESS", None)
     init_ray(num_cpus=RAY_CPUS)
-    yield ray
-    ray.shutdown()
+    return ray
 
 
 def one_line_error(capsys, argv) -> str:

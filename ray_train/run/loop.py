@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field, fields
 
 from ray_train.engine import Chunk, Engine, StateMismatch
-from ray_train.errors import CheckpointError, Diverged, Interrupted
+from ray_train.errors import CheckpointError, Diverged, Interrupted, ReplicaFailure, ResourceError
 from ray_train.run.checkpoint import CheckpointStore
 from ray_train.run.failure import Decision, ReplicaDied
 from ray_train.worker.evaluation import EvalResult
@@ -90,15 +90,20 @@ class RunLoop:
 
     # -- the loop ------------------------------------------------------------------------------
     def run(self) -> Summary:
-        found = self.resume
+        found, died = self.resume, None
         try:
             while True:
                 try:
                     self._begin(found)
                     stop = self._train()
                     break
-                except ReplicaDied as died:
+                except ReplicaDied as exc:
+                    died = exc
                     found = self._recover(died)
+                except ResourceError as exc:
+                    if died is None:
+                        raise  # the cluster never had room: the user's resources are wrong (exit 2)
+                    raise self._cannot_restart(exc, found) from None
             return self._finish(*stop)
         finally:
             self.engine.shutdown()
@@ -286,6 +291,14 @@ class RunLoop:
                       f"of at most {failures.max_failures}")
         self.sink.rewind(found[0]["step"] if found else 0)
         return found
+
+    def _cannot_restart(self, exc: ResourceError, found: tuple[dict, str] | None) -> ReplicaFailure:
+        """After a death, the cluster has no room for the replicas any more (a node was lost and
+        not replaced): a failure (exit 1) naming the checkpoint to continue from, not a user error."""
+        where = f"the last checkpoint is {found[1]} (epoch {found[0]['epoch']})" if found else "no checkpoint yet"
+        hint = f"; continue with --resume {self.resume_hint} once there is room" if self.resume_hint and found else ""
+        self.ctx.failures.failures[-1]["restart_error"] = str(exc)
+        return ReplicaFailure(f"could not restart after the failure: {exc}; {where}{hint}")
 
     def _finish(self, stopped: str, reason: str) -> Summary:
         p = self.progress

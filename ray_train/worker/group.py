@@ -132,6 +132,10 @@ class ReplicaGroup:
         actor_id = getattr(exc, "actor_id", None)
         return ids.index(actor_id) if actor_id in ids else None
 
+    def nodes(self) -> dict:
+        """Which Ray node runs each replica (summary.json ``nodes``), by rank."""
+        return {"replicas": [i["node_id"] for i in self.info]}
+
     def state(self) -> dict:
         """Model and optimizer (identical on every replica: rank 0's) and every rank's RNG state."""
         state, *rngs = self.get([self.actors[0].state.remote()] + [a.rng_state.remote() for a in self.actors])

@@ -33,6 +33,14 @@ def flat_params(model: torch.nn.Module) -> np.ndarray:
     return torch.cat([p.detach().reshape(-1) for p in model.parameters() if p.requires_grad]).numpy()
 
 
+def _adopted(failure: dict, info: dict) -> None:
+    """A restarted shard that took a replica's copy of its slice (ParameterShard.offer) lost only
+    the updates between that copy and the newest version any replica saw acknowledged."""
+    if info.get("adopted_version") is not None:
+        lost = max(0, int(info["seen_before"]) - int(info["adopted_version"]))
+        failure.update(adopted_version=int(info["adopted_version"]), updates_lost=lost, updates_lost_min=lost)
+
+
 class Downpour:
     """The actors of one async run: shards, the optional staleness gate, replicas. Every actor gets
     its large values (parameters, data) by a method call after construction."""
@@ -135,7 +143,9 @@ class DownpourEngine(DriverModel, Engine):
         self.seen = np.zeros(cfg.async_.ps_shards, dtype=np.int64)
         self.gated: set[int] = set()  # replicas the staleness gate waits for
         self.lost: set[int] = set()  # replicas whose restarts are used up
-        self.pids = {i["rank"]: i["pid"] for i in ray.get([r.info.remote() for r in self.actors.replicas])}
+        infos = ray.get([r.info.remote() for r in self.actors.replicas])
+        self.pids = {i["rank"]: i["pid"] for i in infos}
+        self.replica_nodes = {i["rank"]: i["node_id"] for i in infos}  # None while a replica is down
         self.shard_pids = {i["index"]: i["pid"] for i in ray.get([s.info.remote() for s in self.actors.shards])}
         self.lr, self.updates0, self.window_t, self.t_first, self.steps = None, 0.0, None, None, {}
         self.warm_steps = self.spe if a.warm_start_steps is None else a.warm_start_steps
@@ -237,6 +247,7 @@ class DownpourEngine(DriverModel, Engine):
         self.rank_next[rank] = self.rank_done[rank]
         self.active.discard(rank)
         self._gate("leave", {rank})
+        self.replica_nodes[rank] = None
         self._record({"kind": "replica", "rank": rank, "pid": self.pids[rank], "error": type(exc).__name__})
         self.rejoining[self.actors.setup(rank)] = rank
 
@@ -256,7 +267,7 @@ class DownpourEngine(DriverModel, Engine):
                 failure["rejoined_step"] = self.done
                 break
         self.ctx.sink.say(f"replica {rank} restarted (pid {info['pid']}); it rejoins by fetching the current parameters")
-        self.pids[rank] = info["pid"]
+        self.pids[rank], self.replica_nodes[rank] = info["pid"], info["node_id"]
         self.active.add(rank)
 
     def _check_shards(self) -> None:
@@ -270,11 +281,15 @@ class DownpourEngine(DriverModel, Engine):
                 lost = max(0, seen - restored)
                 self.restarts += 1
                 self.shard_pids[k], self.seen[k] = info["pid"], info["version"]
-                self._record({"kind": "shard", "shard": k, "pid": old, "restarted_pid": info["pid"],
-                              "restored_version": restored, "updates_lost": lost,
-                              "updates_lost_min": max(0, seen - int(info["version"]))})
-                self.ctx.sink.say(f"parameter shard {k} restored from its snapshot at version {restored} "
-                                  f"({lost} updates lost)")
+                failure = {"kind": "shard", "shard": k, "pid": old, "restarted_pid": info["pid"],
+                           "restored_version": restored, "updates_lost": lost,
+                           "updates_lost_min": max(0, seen - int(info["version"]))}
+                _adopted(failure, info)
+                self._record(failure)
+                self.ctx.sink.say(f"parameter shard {k} restored from its snapshot at version {restored}"
+                                  + (f", then from a replica's copy at version {failure['adopted_version']}"
+                                     if failure.get("adopted_version") else "")
+                                  + f" ({failure['updates_lost']} updates lost)")
 
     def _record(self, failure: dict) -> None:
         failure.update(step=self.done, epoch=round(self.done / self.spe, 3))
@@ -300,9 +315,10 @@ class DownpourEngine(DriverModel, Engine):
                 "rank_done": list(self.rank_done), "done": self.done, "restarts": self.restarts}
 
     def extras(self) -> dict:
-        if self.rejoining:
+        if self.rejoining and self._room_for_a_replica():
             # Record restarts still under way (a fresh process imports torch: seconds), so the
-            # summary pairs every failure with its restart.
+            # summary pairs every failure with its restart. With no room (its node is gone and none
+            # replaced it) the restart cannot come: the summary says the replica was lost.
             ready, _ = ray.wait(list(self.rejoining), num_returns=len(self.rejoining), timeout=REJOIN_WAIT_S)
             for ref in ready:
                 self._rejoin(ref)
@@ -315,7 +331,26 @@ class DownpourEngine(DriverModel, Engine):
                 "staleness_max": max(s["max"] for s in stats), "updates": int(round(updates)),
                 "updates_per_s": updates / max(seconds, 1e-9),
                 "lead_max": None if lead is None else lead["lead_max"], "ps_shards": self.ctx.cfg.async_.ps_shards,
-                "restarts": self.restarts, "transport": self.transport()}
+                "restarts": self.restarts, "transport": self.transport(), "nodes": self.nodes(),
+                "replicas_down": sorted({*self.rejoining.values(), *self.lost})}
+
+    def nodes(self) -> dict:
+        """Which Ray node runs each replica (by rank; None for one that is down) and each parameter
+        shard (by index; shards need no CPU, Ray restarts them wherever there is a node). Shard
+        failures are brought up to date meanwhile: replicas may have offered fresher copies of a
+        restarted shard's slice since the failure was recorded."""
+        shards = ray.get([retried(s.info).remote() for s in self.actors.shards])
+        for failure in self.ctx.failures.failures:
+            if failure.get("kind") == "shard" and shards[failure["shard"]]["pid"] == failure["restarted_pid"]:
+                _adopted(failure, shards[failure["shard"]])
+        return {"replicas": [self.replica_nodes[r] for r in range(len(self.actors.replicas))],
+                "shards": [i["node_id"] for i in shards]}
+
+    def _room_for_a_replica(self) -> bool:
+        res = self.ctx.cfg.resources
+        free = ray.available_resources()
+        return (free.get("CPU", 0.0) + 1e-9 >= res.cpus_per_replica
+                and free.get("GPU", 0.0) + 1e-9 >= res.gpus_per_replica)
 
     def shutdown(self, graceful: bool = True) -> None:
         if getattr(self, "actors", None) is not None:

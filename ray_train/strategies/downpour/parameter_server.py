@@ -99,6 +99,8 @@ class ParameterShard:
         self.recent: list[int] = []  # staleness since the last stats() call (driver's histogram)
         self.snapshot_path, self.snapshot_every_s = snapshot_path, snapshot_every_s
         self.restored_version: int | None = None
+        self.adopted_version: int | None = None  # a replica's copy taken after a restart
+        self.seen_before: int = 0  # the newest version replicas saw acknowledged before the restart
         self._ref = self._ref_version = None
         self.last_snapshot = -float("inf")
         if snapshot_path and os.path.exists(snapshot_path):
@@ -114,6 +116,25 @@ class ParameterShard:
         if self.snapshot_path:
             self.snapshot()
         return self.param.numel()
+
+    @_locked
+    def offer(self, version: int, values: np.ndarray, seen: int) -> bool:
+        """A replica's copy of this slice at ``version``, offered once it reached this shard again
+        after losing it; ``seen`` is the newest version that replica had acknowledged. Only a
+        shard restarted after a crash takes one, and only when it is newer than what it holds
+        (its snapshot plus the pushes since): a restart then loses the updates in flight, not
+        every update since the last snapshot. The optimizer state stays the snapshot's."""
+        if self.restored_version is None:
+            return False
+        self.seen_before = max(self.seen_before, int(seen))
+        if version <= self.version:
+            return False
+        with torch.no_grad():
+            self.param.copy_(torch.from_numpy(np.asarray(values, dtype=np.float32)).reshape(-1))
+        self.version = self.adopted_version = int(version)
+        if self.snapshot_path:
+            self.snapshot()
+        return True
 
     # -- the two verbs replicas use --------------------------------------------------------------
     @_locked
@@ -181,7 +202,8 @@ class ParameterShard:
     @_locked
     def info(self) -> dict:
         return {"index": self.index, "pid": os.getpid(), "version": self.version,
-                "restored_version": self.restored_version, "node_id": _node_id(),
+                "restored_version": self.restored_version, "adopted_version": self.adopted_version,
+                "seen_before": self.seen_before, "node_id": _node_id(),
                 "shm_peers": len(self.server.peers) if self.server is not None else 0}
 
     @_locked

@@ -202,6 +202,7 @@ class AsyncReplica(Replica):
                 channel.close()
         self.channels = [None] * len(shards)
         self.pending, self.prefetched, self.since_fetch = [], {}, 0
+        self.to_offer: set[int] = set()  # shards lost since this replica last reached them
         kinds = []
         for k in range(len(shards)):
             try:
@@ -321,7 +322,26 @@ class AsyncReplica(Replica):
                 else:
                     lo, hi = self.bounds[k]
                     self.channels[k] = ShmChannel(where["address"], self.mailbox, self.ctx.rank, lo, hi)
+            if k in self.to_offer:
+                self._offer(k)
         return self.channels[k]
+
+    def _offer(self, k: int) -> None:
+        """Give shard ``k``, back after a restart, this replica's copy of its slice (as last
+        fetched) and the newest version this replica saw acknowledged: the shard keeps the
+        freshest copy its replicas hold when it is newer than its snapshot, so a restart loses
+        only the updates in flight (strategies/downpour/README.md, node loss)."""
+        import ray
+
+        self.to_offer.discard(k)
+        if self.versions[k] <= 0:
+            return
+        lo, hi = self.bounds[k]
+        try:
+            ray.get(self.shards[k].offer.options(max_task_retries=-1).remote(
+                int(self.versions[k]), self.flat[lo:hi].numpy().copy(), int(self.seen[k])))
+        except ray.exceptions.RayError as exc:
+            raise ShardGone from exc
 
     def _ask(self, k: int) -> None:
         try:
@@ -341,6 +361,7 @@ class AsyncReplica(Replica):
                 self.channels[k].read(out)
                 return version
             except ShardGone:
+                self.versions[k] = -1  # ``out`` may be half written: no copy of this slice to offer
                 self._lost(k)
         raise ShardLost(f"parameter shard {k} unreachable after {SHARD_RETRIES} attempts")
 
@@ -348,6 +369,7 @@ class AsyncReplica(Replica):
         """Shard ``k`` failed a request: forget the channel (the next request reopens it) and
         fetch before the next step (a restored shard's parameters differ)."""
         self.shard_errors.append(k)
+        self.to_offer.add(k)
         self.since_fetch = 0
         self.prefetched.pop(k, None)
         if self.channels[k] is not None:

@@ -56,7 +56,8 @@ class MemberEngine(SyncEngine):
         super().start(state)
 
     def extras(self) -> dict:
-        return {"distinct_examples": self.group.get([self.group.actors[0].distinct_examples.remote()])[0]}
+        return {"distinct_examples": self.group.get([self.group.actors[0].distinct_examples.remote()])[0],
+                "nodes": self.group.nodes()}
 
 
 def member_dir(run_dir: str, index: int) -> str:
@@ -183,7 +184,8 @@ def member_summary(r: MemberResult) -> dict:
     ran = {"test_accuracy": s.test_accuracy, "test_errors": s.test_errors, "test_loss": s.test_loss,
            "epochs": s.epochs, "train_samples": s.train_samples, "train_s": s.train_s, "stopped": s.stopped,
            "distinct_examples": s.extras["distinct_examples"], "best_epoch": s.best_epoch,
-           "val_accuracy": s.val_accuracy, "best_test_accuracy": s.best_test_accuracy} if s else {}
+           "val_accuracy": s.val_accuracy, "best_test_accuracy": s.best_test_accuracy,
+           "nodes": s.extras.get("nodes")} if s else {}
     return {**dataclasses.asdict(r.spec), "status": "ok" if r.ok else "failed", "test_accuracy": None,
             "test_errors": None, **ran, "restarts": len(r.failures),
             "resumed_from_epochs": [f["restarted_from_epoch"] for f in r.failures], "error": r.error or None}

@@ -152,4 +152,4 @@ class HogwildEngine(SyncEngine):
                      "vector without locks")
 
     def extras(self) -> dict:
-        return {"devices": [i["device"] for i in self.group.info]}
+        return {"devices": [i["device"] for i in self.group.info], "nodes": self.group.nodes()}

@@ -295,7 +295,8 @@ class SandblasterEngine(DriverModel, Engine):
         return {"iterations": self.iteration, **copy.deepcopy(self.counts), "lbfgs_batch": self.batch,
                 "dispatch": self.ctx.cfg.sandblaster.dispatch,
                 # mean seconds of the iterations this process ran (a resumed run: since the resume)
-                "iteration_s": float(np.mean(self.iteration_s)) if self.iteration_s else None}
+                "iteration_s": float(np.mean(self.iteration_s)) if self.iteration_s else None,
+                "nodes": {"replicas": [i["node_id"] for i in ray.get([retried(w.info).remote() for w in self.workers])]}}
 
     def _settle(self) -> None:
         """Copies still out at the end (backups that lost, or units of a replica whose death Ray

@@ -63,7 +63,10 @@ class SandblasterWorker:
         return self.info()
 
     def info(self) -> dict:
-        return {"pid": os.getpid(), "rank": self.ctx.rank, "device": str(self.device)}
+        import ray
+
+        return {"pid": os.getpid(), "rank": self.ctx.rank, "device": str(self.device),
+                "node_id": ray.get_runtime_context().get_node_id() if ray.is_initialized() else None}
 
     def evaluate(self, version: int, box: list, key: int, lo: int, hi: int) -> dict:
         """Loss and gradient summed over examples [lo, hi) of iteration ``key``'s batch (key -1: the

@@ -53,4 +53,5 @@ class SyncEngine(Engine):
             self.group.shutdown(graceful)
 
     def extras(self) -> dict:
-        return {"allreduce": self.group.comm, "devices": [i["device"] for i in self.group.info]}
+        return {"allreduce": self.group.comm, "devices": [i["device"] for i in self.group.info],
+                "nodes": self.group.nodes()}
