@@ -214,7 +214,7 @@ class AsyncReplica(Replica):
         """Steps ``start .. start+n-1`` of this rank's own sequence of batches. The driver passes
         ``start``, so a restarted replica resumes its data order where the lost one stopped."""
         loss_sum = torch.zeros(())
-        correct = torch.zeros((), dtype=torch.int64)
+        correct = torch.zeros((), dtype=torch.float64)
         step_ms = np.empty(n, dtype=np.float32)
         pushes = 0
         for i, s in enumerate(range(start, start + n)):
@@ -240,7 +240,7 @@ class AsyncReplica(Replica):
         self.settle()
         errors, self.shard_errors = self.shard_errors, []
         moved, self.comm_bytes = self.comm_bytes, 0
-        return {"loss_sum": float(loss_sum) * self.cfg.run.batch_size, "correct": int(correct),
+        return {"loss_sum": float(loss_sum) * self.cfg.run.batch_size, "correct": float(correct),
                 "samples": n * self.cfg.run.batch_size, "step_ms": step_ms, "rank": self.ctx.rank,
                 "pushes": pushes, "versions": self.seen.copy(), "shard_errors": errors, "pid": os.getpid(),
                 "comm_bytes": moved}

@@ -55,6 +55,7 @@ class SandblasterWorker:
     def setup(self, data) -> dict:
         """Receive the dataset (a method call, not a constructor argument: the actor restarts)."""
         self.data = data
+        self.objective = losses.Objective.of(self.cfg.model, data)
         self.version = None
         return self.info()
 
@@ -79,9 +80,9 @@ class SandblasterWorker:
         y = torch.from_numpy(self.data.y_train[idx].copy()).to(self.device, non_blocking=True)
         self.grad.zero_()
         out = self.model(x)
-        loss = losses.summed(self.cfg.model.loss, out, y)
+        loss = self.objective.summed(out, y)
         loss.backward()
-        correct = int((out.argmax(1) == y).sum())
+        correct = float(self.objective.score(out, y))
         grad = self.grad.cpu().numpy().copy()
         self.units += 1
         ms = straggle(self.slow, t0)
