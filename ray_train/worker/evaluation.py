@@ -47,7 +47,7 @@ def predict(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, objective, dev
     loss_sum, outs = 0.0, []
     for start in range(0, len(y), batch_size):
         xb = to_tensor(x[start : start + batch_size]).to(device)
-        yb = torch.as_tensor(y[start : start + batch_size], device=device)
+        yb = torch.tensor(y[start : start + batch_size], device=device)  # a copy: y may be read-only (object store)
         out = model(xb)
         loss_sum += float(objective.summed(out, yb))
         outs.append(objective.outputs(out, yb).cpu().numpy())

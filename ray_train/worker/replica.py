@@ -57,7 +57,7 @@ class Replica:
         self.device = pick_device(ctx)
         torch.manual_seed(ctx.seed)  # identical initial parameters on every replica of a group
         self.model = model().to(self.device)
-        self.objective = losses.Objective.of(cfg.model, data)
+        self._objective = None
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.grad = flatten_grads(self.params)
         self.opt = build_optimizer(self.model.named_parameters(), cfg.optim)
@@ -68,6 +68,13 @@ class Replica:
         self.slow = slow_factor(cfg, ctx.rank)
         self.batches = np.empty((0, cfg.run.batch_size), dtype=np.int64)
         self.cursor = 0
+
+    @property
+    def objective(self) -> losses.Objective:
+        """The run's loss and score, built once the data is here (Downpour's replicas get it later)."""
+        if self._objective is None or self._objective.regression != bool(self.data.regression):
+            self._objective = losses.Objective.of(self.cfg.model, self.data)
+        return self._objective
 
     # -- wiring -------------------------------------------------------------------------------
     def info(self) -> dict:
