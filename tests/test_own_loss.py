@@ -176,3 +176,15 @@ def test_a_regression_loss_on_class_labels_and_loss_config_mistakes(tmp_path, ca
         ray_train.config.build_config({"model": {"loss": "custom"}})
     with pytest.raises(ConfigError, match="model: unknown key 'loss_fn'"):
         ray_train.config.build_config({"model": {"loss_fn": "x"}})
+
+
+@pytest.mark.parametrize("strategy", ["local", "hogwild", "sandblaster"])
+def test_own_loss_and_regression_under_the_other_strategies(ray_cluster, tmp_path, strategy):
+    data = linear_targets(seed=3)
+    cfg = _cfg(tmp_path, strategy, "other", run={"epochs": 4}, optim={"optimizer": "adam", "lr": 0.01})
+    if strategy == "sandblaster":
+        cfg["optim"] = {}  # L-BFGS, its only optimizer
+    summary = ray_train.fit(cfg, model=linear_net, data=data, loss=nn.MSELoss(), tensorboard=False, out=io.StringIO())
+    first = summary["history"][0]["train_loss"]
+    assert summary["val_loss"] < min(0.1, first / 3), (first, summary["val_loss"])
+    assert summary["test_accuracy"] is None and summary["test_mae"] < 0.3
