@@ -51,7 +51,7 @@ class DataConfig:
     (the test set is then what those read, as before)."""
     standardize: bool = False
     """Standardise every input element with the training split's mean and standard deviation
-    (kept in model.pt and applied by scripts/evaluate.py)."""
+    (kept in model.pt and applied by python -m ray_train predict)."""
     synthetic_train: int = 4096
     """Training examples of the synthetic dataset."""
     synthetic_test: int = 1024

@@ -245,7 +245,7 @@ def log_ensemble(sink, data, report: dict, ok: list[MemberResult], step: int) ->
 
 
 def persist(run_dir: str, data, results: list[MemberResult], weights: np.ndarray) -> None:
-    """ensemble.json: which member files vote and with what weight (scripts/evaluate.py reads it)."""
+    """ensemble.json: which member files vote and with what weight (ray_train/run/reload.py reads it)."""
     entries = [{**dataclasses.asdict(r.spec), "status": "ok" if r.ok else "failed",
                 "path": os.path.relpath(os.path.join(member_dir(run_dir, r.spec.index), "model.pt"), run_dir)}
                for r in results]
