@@ -7,7 +7,7 @@
 """
 from __future__ import annotations
 
-__all__ = ["fit", "Dataset", "TrainConfig"]
+__all__ = ["fit", "predict", "Dataset", "TrainConfig"]
 
 
 def __getattr__(name: str):
@@ -15,6 +15,10 @@ def __getattr__(name: str):
         from ray_train.api import fit
 
         return fit
+    if name == "predict":
+        from ray_train.prediction import predict
+
+        return predict
     if name == "Dataset":
         from ray_train.data.dataset import Dataset
 

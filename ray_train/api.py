@@ -10,7 +10,10 @@
 ``config``: a TrainConfig, a mapping of sections (as in a YAML file), a YAML path, or None for the
 defaults. ``model``: a registry name ("net_d"), a "package.module:function" string, or a zero-argument
 callable returning an nn.Module (a lambda or closure works: it is pickled by value to the replicas).
-``data``: a registry name ("mnist5k", "idx:DIR", "npz:FILE") or a ray_train.Dataset.
+``data``: a registry name ("mnist5k", "idx:DIR", "npz:FILE") or a ray_train.Dataset (class labels, or
+float targets of any shape: regression). ``loss``: a name (model.loss: "log_likelihood", "mse", ...),
+"package.module:function", or any callable (outputs, targets) -> scalar batch mean, such as
+``nn.CrossEntropyLoss(label_smoothing=0.1)`` (pickled to the replicas with the config).
 """
 from __future__ import annotations
 
@@ -34,15 +37,17 @@ from ray_train.run.outputs import make_run_dir
 from ray_train.run.signals import StopSignals
 
 
-def fit(config: TrainConfig | Mapping | str | None = None, model=None, data=None, *, tensorboard: bool = True,
-        progress: bool | None = None, out=None, on_epoch=None) -> dict:
+def fit(config: TrainConfig | Mapping | str | None = None, model=None, data=None, *, loss=None,
+        tensorboard: bool = True, progress: bool | None = None, out=None, on_epoch=None) -> dict:
     """Train and return the summary (also written to <storage>/<run_name>/summary.json). Raises
     UserError (bad input), loop.Diverged, loop.Interrupted (SIGINT/SIGTERM: the run checkpointed
     where it stopped) or failure.ReplicaFailure (replicas died more often than run.max_failures).
     ``on_epoch``, if given, is called with each epoch's history record (not by ensembles)."""
     cfg = as_config(config)
     cfg, custom = _with_model(cfg, model)
+    cfg = _with_loss(cfg, loss)
     cfg, dataset = _with_data(cfg, data)
+    check_targets(cfg, dataset)
     cfg = _with_lambda(cfg, dataset)
     # every mistake that the config and the data show is reported before Ray starts
     runs = strategies.get(cfg.run.strategy).model_configs(cfg)
@@ -77,6 +82,37 @@ def _with_model(cfg: TrainConfig, model):
         return _replace(cfg, "model", name=CUSTOM), model
     raise ConfigError(f"model: expected a registry name, 'package.module:function' or a zero-argument callable "
                       f"returning an nn.Module, got {type(model).__name__}")
+
+
+def _with_loss(cfg: TrainConfig, loss) -> TrainConfig:
+    from ray_train.fields import CUSTOM_LOSS
+
+    if loss is None:
+        return cfg
+    if isinstance(loss, str):
+        return _replace(cfg, "model", loss=loss, loss_fn=None)
+    if callable(loss):
+        return _replace(cfg, "model", loss=CUSTOM_LOSS, loss_fn=loss)
+    raise ConfigError(f"loss: expected a loss name, 'package.module:function' or a callable (outputs, targets) -> "
+                      f"loss, got {type(loss).__name__}")
+
+
+def check_targets(cfg: TrainConfig, data: Dataset) -> None:
+    """The loss and the stop rules fit the targets: class labels or float targets (regression)."""
+    from ray_train.fields import CLASSIFICATION_LOSSES, REGRESSION_LOSSES
+    from ray_train.worker.losses import Objective
+
+    Objective.of(cfg.model, data)  # a "package.module:function" loss is imported here, once, on the driver
+    name = cfg.model.loss
+    if data.regression and name in CLASSIFICATION_LOSSES:
+        raise ConfigError(f"model.loss: {name} needs integer class labels, but {data.name}'s targets are floats "
+                          f"(regression); use {' or '.join(REGRESSION_LOSSES)} (--loss mse) or your own loss")
+    if not data.regression and name in REGRESSION_LOSSES:
+        raise ConfigError(f"model.loss: {name} is for float targets (regression), but {data.name} has class labels; "
+                          f"use {', '.join(CLASSIFICATION_LOSSES)} or your own loss")
+    if data.regression and cfg.run.target_accuracy is not None:
+        raise ConfigError(f"run.target_accuracy: accuracy needs class labels; {data.name}'s targets are floats "
+                          "(regression): stop on the validation loss with --target-loss")
 
 
 def _with_data(cfg: TrainConfig, data) -> tuple[TrainConfig, Dataset]:
@@ -150,21 +186,35 @@ def _run(cfg: TrainConfig, data: Dataset, factory, custom, tensorboard: bool, pr
     summary = {"run_name": name, "strategy": cfg.run.strategy, "model": cfg.model.name, "dataset": data.name,
                "replicas": cfg.resources.replicas, **result, "wall_s": time.perf_counter() - t_start,
                "config": cfg.to_dict()}
-    metrics = {"hparams/test_accuracy": summary["test_accuracy"], "hparams/wall_s": summary["wall_s"]}
-    if summary.get("val_accuracy") is not None:
-        metrics["hparams/val_accuracy"] = summary["val_accuracy"]
+    metrics = {"hparams/wall_s": summary["wall_s"]}
+    for key in ("test_accuracy", "val_accuracy", "test_loss", "val_loss", "test_mae"):
+        if summary.get(key) is not None and (key.endswith("accuracy") or data.regression):
+            metrics[f"hparams/{key}"] = summary[key]
     sink.finish(hparams=_flat_hparams(cfg), metrics=metrics)
     write_json(os.path.join(run_dir, "summary.json"), summary)
-    if summary.get("val_accuracy") is not None:
+    if data.regression:
+        _print_regression(summary, run_dir, out)
+    elif summary.get("val_accuracy") is not None:
         print(f"best validation accuracy {summary['val_accuracy']:.4f} after epoch {summary['best_epoch']}: test "
               f"accuracy there {summary['best_test_accuracy']:.4f} ({summary['best_test_errors']} errors; model.pt)",
               file=out, flush=True)
-    print(f"done: test accuracy {summary['test_accuracy']:.4f} ({summary['test_errors']} errors), "
-          f"{summary['samples_per_s']:,.0f} samples/s, {summary['wall_s']:.1f} s wall; "
-          f"summary in {run_dir}/summary.json", file=out, flush=True)
+    if not data.regression:
+        print(f"done: test accuracy {summary['test_accuracy']:.4f} ({summary['test_errors']} errors), "
+              f"{summary['samples_per_s']:,.0f} samples/s, {summary['wall_s']:.1f} s wall; "
+              f"summary in {run_dir}/summary.json", file=out, flush=True)
     if tensorboard:
         print(f"watch it: tensorboard --logdir {cfg.run.storage}", file=out, flush=True)
     return summary
+
+
+def _print_regression(summary: dict, run_dir: str, out) -> None:
+    if summary.get("val_loss") is not None:
+        print(f"best validation loss {summary['val_loss']:.4g} after epoch {summary['best_epoch']}: test loss there "
+              f"{summary['best_test_loss']:.4g}, mean absolute error {summary['best_test_mae']:.4g} (model.pt)",
+              file=out, flush=True)
+    print(f"done: test loss {summary['test_loss']:.4g}, mean absolute error {summary['test_mae']:.4g}, "
+          f"{summary['samples_per_s']:,.0f} samples/s, {summary['wall_s']:.1f} s wall; "
+          f"summary in {run_dir}/summary.json", file=out, flush=True)
 
 
 def _flat_hparams(cfg: TrainConfig) -> dict:

@@ -15,13 +15,13 @@ from typing import Any, Mapping
 
 from ray_train import strategies
 from ray_train.errors import ConfigError
-from ray_train.fields import DEFAULT_LR, OPTIMIZERS, _choice, _integer, _model_name, _positive, check_type, did_you_mean
+from ray_train.fields import (CUSTOM_LOSS, DEFAULT_LR, LOSSES, OPTIMIZERS, _choice, _factory_spec, _integer, _model_name, _positive,
+                              check_type, did_you_mean)
 
 DATASETS = ("mnist5k", "mnist", "synthetic")
 SCHEDULES = ("constant", "step", "inverse", "plateau")
 ALLREDUCE = ("auto", "gloo", "nccl", "shm")
 INITS = ("scaled", "normal")
-LOSSES = ("log_likelihood", "cross_entropy", "quadratic")
 L2_COSTS = ("network2", "network3")
 PLACEMENTS = ("PACK", "SPREAD")
 PRECISIONS = ("fp32", "bf16", "fp16")  # GPU readiness (docs/gpu.md)
@@ -53,7 +53,7 @@ class DataConfig:
     (the test set is then what those read, as before)."""
     standardize: bool = False
     """Standardise every input element with the training split's mean and standard deviation
-    (kept in model.pt and applied by scripts/evaluate.py)."""
+    (kept in model.pt and applied by python -m ray_train predict)."""
     synthetic_train: int = 4096
     """Training examples of the synthetic dataset."""
     synthetic_test: int = 1024
@@ -88,13 +88,23 @@ class ModelConfig:
     """Weight initialisation of a registry network: scaled (N(0, 1/n_in), Nielsen's default from
     ch. 3 on) or normal (N(0, 1), his large_weight_initializer of ch. 1 and of the 96.49% run)."""
     loss: str = "log_likelihood"
-    """The cost (ray_train/worker/losses.py): log_likelihood (softmax outputs), cross_entropy (sigmoid
-    outputs, Nielsen ch. 3) or quadratic (sigmoid outputs, ch. 1)."""
+    """The cost (ray_train/worker/losses.py): for class labels log_likelihood (softmax outputs),
+    cross_entropy (sigmoid outputs, Nielsen ch. 3) or quadratic (sigmoid outputs, ch. 1); for float
+    targets (regression) mse or l1; or your own callable (outputs, targets) -> scalar as
+    "package.module:function" (imported in every process), or "custom": one handed to
+    ray_train.fit(loss=...)."""
+    loss_fn: Any = field(default=None, repr=False, compare=False, metadata={"internal": True})
+    # the callable of fit(loss=...): it travels to the replicas with the config (pickled by Ray),
+    # never into YAML, run.json or summary.json
 
     def __post_init__(self) -> None:
         _model_name("model.name", self.name)
         _choice("model", "init", self.init, INITS)
-        _choice("model", "loss", self.loss, LOSSES)
+        if not (isinstance(self.loss, str) and _factory_spec(self.loss)) and self.loss != CUSTOM_LOSS:
+            _choice("model", "loss", self.loss, LOSSES + ("package.module:function",))
+        if (self.loss == CUSTOM_LOSS) != (self.loss_fn is not None):
+            raise ConfigError("model.loss: 'custom' means a callable handed to ray_train.fit(loss=...); "
+                              "from the command line or YAML give a loss name or package.module:function")
         if self.dropout is not None and not (0.0 <= self.dropout < 1.0):
             raise ConfigError(f"model.dropout: must be in [0, 1), got {self.dropout!r}")
 
@@ -221,7 +231,11 @@ class RunConfig:
     """Replica failures survived (sync: group restarted from the last checkpoint; async and
     ensemble: the actor is restarted) before the run gives up."""
     target_accuracy: float | None = None
-    """Stop once the test accuracy reaches this (0-1); None: train all epochs."""
+    """Stop once the validation accuracy (test accuracy without a validation split) reaches this
+    (0-1); None: train all epochs. Class labels only."""
+    target_loss: float | None = None
+    """Stop once the validation loss (test loss without a validation split) is at or below this;
+    None: off. Any targets (the stop rule for regression)."""
     time_limit: float | None = None
     """Stop after this many seconds of training; None: no limit."""
     slow_replica: str | None = None
@@ -241,6 +255,8 @@ class RunConfig:
         _positive("run", "max_failures", self.max_failures, zero_ok=True)
         if self.target_accuracy is not None and not (0.0 < self.target_accuracy <= 1.0):
             raise ConfigError(f"run.target_accuracy: must be in (0, 1], got {self.target_accuracy!r}")
+        if self.target_loss is not None:
+            _positive("run", "target_loss", self.target_loss, zero_ok=True)
         if self.time_limit is not None:
             _positive("run", "time_limit", self.time_limit)
         if self.slow_replica is not None:
@@ -309,8 +325,16 @@ def _run_name(self) -> str:
     return f"{self.run.strategy}-{self.model.name}-{stamp}"
 
 
+def public_fields(cls) -> list:
+    """A section's fields a user sets (YAML, flags, run.json); not the internal ones (model.loss_fn)."""
+    return [f for f in fields(cls) if not f.metadata.get("internal")]
+
+
 def _to_dict(self) -> dict[str, dict[str, Any]]:
-    return {name: dataclasses.asdict(getattr(self, ATTRS[name])) for name in SECTIONS}
+    import copy
+
+    return {name: {f.name: copy.deepcopy(getattr(getattr(self, ATTRS[name]), f.name)) for f in public_fields(SECTIONS[name])}
+            for name in SECTIONS}
 
 
 # Everything one run needs, built by ``build_config`` from defaults, YAML and CLI flags: one field
@@ -327,7 +351,7 @@ def _section(name: str, values: Any) -> Any:
     cls = SECTIONS[name]
     if not isinstance(values, Mapping):
         raise ConfigError(f"{name}: expected a mapping of fields, got {type(values).__name__}")
-    allowed = {f.name: f for f in fields(cls)}
+    allowed = {f.name: f for f in public_fields(cls)}
     unknown = sorted(set(values) - set(allowed))
     if unknown:
         raise ConfigError(f"{name}: unknown key {unknown[0]!r}{did_you_mean(unknown[0], allowed)}; allowed: "

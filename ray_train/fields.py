@@ -9,6 +9,11 @@ from typing import Any
 from models import MODEL_NAMES
 from ray_train.errors import ConfigError
 
+# the costs by name (ray_train/worker/losses.py): for class labels, then for float targets
+CLASSIFICATION_LOSSES = ("log_likelihood", "cross_entropy", "quadratic")
+REGRESSION_LOSSES = ("mse", "l1")
+LOSSES = CLASSIFICATION_LOSSES + REGRESSION_LOSSES
+CUSTOM_LOSS = "custom"  # model.loss of a callable handed to fit(loss=...)
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adadelta", "adam", "amsgrad", "lbfgs")
 
 

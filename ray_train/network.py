@@ -24,7 +24,17 @@ def model_factory(cfg: TrainConfig, data: Dataset, custom=None):
     if ":" in cfg.model.name:
         return ImportedFactory(cfg.model.name)
     return RegistryFactory(cfg.model.name, dropout=cfg.model.dropout, input_shape=tuple(data.input_shape),
-                           num_classes=data.num_classes, init=cfg.model.init)
+                           num_classes=output_size(data), init=cfg.model.init)
+
+
+def output_size(data: Dataset) -> int:
+    """The outputs per example a network gives: one logit per class, or one per target element."""
+    if not data.regression:
+        return data.num_classes
+    size = 1
+    for d in data.target_shape:
+        size *= d
+    return size
 
 
 def check_model(factory, data: Dataset, cfg: TrainConfig) -> None:
@@ -51,7 +61,12 @@ def check_model(factory, data: Dataset, cfg: TrainConfig) -> None:
                             f"{list(shape)}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
                             f"{hint}") from exc
     want = (min(2, len(data.y_test)), data.num_classes)
-    if tuple(out.shape) != want:
+    if data.regression:
+        if out.shape[:1] != want[:1] or out[:1].numel() != output_size(data):
+            raise UserError(f"model: {cfg.model.name} gives outputs of shape {list(out.shape)} for {want[0]} examples; "
+                            f"{data.name}'s regression targets have shape {list(data.target_shape)} each, so expected "
+                            f"{[want[0], *data.target_shape]} (or [{want[0]}, {output_size(data)}])")
+    elif tuple(out.shape) != want:
         raise UserError(f"model: {cfg.model.name} gives outputs of shape {list(out.shape)} for {want[0]} examples; "
                         f"{data.name} has {data.num_classes} classes, so expected {list(want)} (one logit per class)")
     workers = strategies.get(cfg.run.strategy).epoch_shards(cfg)

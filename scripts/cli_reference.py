@@ -32,7 +32,7 @@ def _rows(parser: argparse.ArgumentParser, fields: dict[str, str]) -> list[str]:
 
 def render() -> str:
     from ray_train import strategies
-    from ray_train.cli import compare, search, train
+    from ray_train.cli import compare, predict, search, train
 
     fields = _field_of()
     out = ["# CLI reference", "",
@@ -43,7 +43,7 @@ def render() -> str:
            "status 2; a misspelt or abbreviated flag is refused.", "",
            "Strategies: " + ", ".join(f"`{s.name}`" for s in strategies.all_strategies()) + ".", ""]
     for title, module in (("python -m ray_train (ray-train): train", train), ("python -m ray_train compare", compare),
-                          ("python -m ray_train search", search)):
+                          ("python -m ray_train search", search), ("python -m ray_train predict", predict)):
         parser = module.build_parser()
         out += [f"## {title}", "", " ".join((parser.description or "").split()), ""]
         out += _rows(parser, fields) + [""]

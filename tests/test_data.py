@@ -380,7 +380,6 @@ X, Y = np.zeros((4, 2), np.float32), np.array([0, 1, 0, 1])
     ((X.astype(np.int32), Y, X, Y), "x_train: dtype int32 is not supported"),
     ((np.full((4, 2), np.nan, np.float32), Y, X, Y), "x_train: holds NaN"),
     ((X, Y - 1, X, Y), "y_train: label -1 is negative"),
-    ((X, Y + 0.5, X, Y), "y_train: expected integer class labels"),
     ((X, Y.reshape(2, 2), X, Y), "y_train: expected class labels [examples]"),
     ((X[:0], Y[:0], X, Y), "x_train is empty"),
 ])
@@ -388,6 +387,33 @@ def test_dataset_mistakes_name_the_array(args, needle):
     with pytest.raises(DataError) as err:
         data_mod.Dataset("bad", *args)
     assert needle in str(err.value)
+
+
+def test_float_targets_are_a_regression_dataset_and_class_labels_can_be_insisted_on():
+    # issue 23: float targets gave "expected integer class labels"; now they are regression targets
+    data = data_mod.Dataset("reg", X, Y + 0.5, X, Y)
+    assert data.regression and data.num_classes is None and data.y_train.dtype == np.float32
+    assert data.y_test.tolist() == [0.0, 1.0, 0.0, 1.0]
+    grid = data_mod.Dataset("grid", X, np.zeros((4, 2, 3)), X, np.ones((4, 2, 3)))
+    assert grid.regression and grid.target_shape == (2, 3)
+    assert not data_mod.Dataset("whole", X, Y.astype(np.float64), X, Y).regression  # whole-number floats: classes
+    with pytest.raises(DataError, match="y_train: expected integer class labels, got dtype float64 .*regression=True"):
+        data_mod.Dataset("bad", X, Y + 0.5, X, Y, regression=False)
+    with pytest.raises(DataError, match="y_train's targets have shape \\[2, 3\\] but y_test's \\[\\]"):
+        data_mod.Dataset("bad", X, np.zeros((4, 2, 3)), X, Y + 0.5)
+    with pytest.raises(DataError, match="class_names: 3 names for 2 classes"):
+        data_mod.Dataset("bad", X, Y, X, Y, num_classes=2, class_names=["a", "b", "c"])
+    named = data_mod.Dataset("named", X, Y, X, Y, class_names=["cat", "dog"])
+    assert named.class_names == ("cat", "dog") and named.num_classes == 2
+
+
+def test_regression_validation_split_is_a_seeded_random_share():
+    rng = np.random.default_rng(0)
+    data = data_mod.Dataset("reg", rng.standard_normal((50, 3)).astype(np.float32), rng.standard_normal(50),
+                            rng.standard_normal((10, 3)).astype(np.float32), rng.standard_normal(10))
+    split = data_mod.split_validation(data, 0.2)
+    assert len(split.y_train) == 40 and len(split.y_val) == 10 and split.regression
+    assert np.array_equal(data_mod.split_validation(data, 0.2).y_val, split.y_val)
 
 
 def test_num_classes_given_must_cover_the_labels():

@@ -118,15 +118,15 @@ def test_evaluate_reloads_the_ensemble_and_predicts_images(vote_run, capsys, tmp
         lines = capsys.readouterr().out.strip().splitlines()
         assert len(lines) == 6 and all(len(line.split("votes ")[1].split("  ")[0].split()) == MEMBERS
                                        for line in lines)
-        outputs.append(lines)
+        outputs.append([line.split(": ", 1)[1] for line in lines])
     assert outputs[0] == outputs[1]  # both formats, same pixels, same votes
-    votes = [int(line.split()[3]) for line in outputs[0]]
+    votes = [int(line.split()[0]) for line in outputs[0]]
     assert sum(v == y for v, y in zip(votes, data.y_test[:6])) >= 5
 
 
 @pytest.mark.parametrize("argv,needle", [
     (["--run", "/nonexistent/run"], "no such run folder"),
-    (["--run", "."], "no ensemble"),
+    (["--run", "."], "not a run folder"),
     (["--images", "x.npy"], "--run"),
 ])
 def test_evaluate_bad_input(capsys, argv, needle):

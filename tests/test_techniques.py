@@ -63,8 +63,13 @@ def test_the_three_costs():
     assert losses.summed("cross_entropy", z, y) == pytest.approx(float(ce), rel=1e-6)
     nll = -torch.log_softmax(z, 1)[torch.arange(2), y].sum()
     assert losses.summed("log_likelihood", z, y) == pytest.approx(float(nll), rel=1e-6)
-    for name in losses.LOSSES:
+    for name in losses.CLASSIFICATION_LOSSES:
         assert losses.loss(name, z, y) == pytest.approx(float(losses.summed(name, z, y)) / 2, rel=1e-6)
+    t = torch.tensor([[1.0, 0.0, 0.5], [0.5, 1.0, -1.0]])
+    assert losses.summed("mse", z, t) == pytest.approx(float(((z - t) ** 2).mean(1).sum()), rel=1e-6)
+    assert losses.summed("l1", z, t) == pytest.approx(float((z - t).abs().mean(1).sum()), rel=1e-6)
+    for name in losses.REGRESSION_LOSSES:
+        assert losses.loss(name, z, t) == pytest.approx(float(losses.summed(name, z, t)) / 2, rel=1e-6)
 
 
 def test_normal_init_is_n01_and_scaled_is_one_over_root_n_in():

@@ -1,5 +1,5 @@
 """The command line: ``python -m ray_train`` (or ``ray-train``) trains (cli/train.py); the
-subcommands ``compare`` and ``search`` have modules of their own. The flags they share are in
+subcommands ``compare``, ``search`` and ``predict`` have modules of their own. The flags they share are in
 cli/flags.py.
 
 Exit statuses (docs/summary.md): 0 done, 1 replicas died too often, 2 user error, 3 diverged,
@@ -13,7 +13,7 @@ from typing import Callable
 
 from ray_train.errors import Diverged, Interrupted, ReplicaFailure, UserError
 
-SUBCOMMANDS = ("compare", "search")
+SUBCOMMANDS = ("compare", "search", "predict")
 
 
 def main(argv: list[str] | None = None) -> int:

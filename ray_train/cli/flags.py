@@ -41,7 +41,8 @@ COMMON_FLAGS: list[Flag] = [
     ("--l1", "optim", "l1", float, "L1 regularisation: gradient += L1 * sign(w) on weights (default 0)"),
     ("--max-norm", "optim", "max_norm", float, "max-norm constraint: after each step every unit's incoming weights "
      "are scaled to norm <= C (sync, ensemble; default off)"),
-    ("--loss", "model", "loss", str, f"cost: {', '.join(LOSSES)} (default log_likelihood: softmax outputs)"),
+    ("--loss", "model", "loss", str, f"cost: {', '.join(LOSSES)} (mse, l1: float targets, regression), or your own "
+     "package.module:function (outputs, targets) -> scalar (default log_likelihood: softmax outputs)"),
     ("--init", "model", "init", str, f"weight initialisation: {', '.join(INITS)} (scaled: N(0, 1/n_in), default; "
      "normal: N(0, 1))"),
     ("--schedule", "optim", "schedule", str, f"learning-rate schedule: {', '.join(SCHEDULES)} (default constant)"),
@@ -71,6 +72,8 @@ COMMON_FLAGS: list[Flag] = [
     ("--keep-checkpoints", "run", "keep_checkpoints", int, "most recent checkpoints kept (default 3)"),
     ("--max-failures", "run", "max_failures", int, "replica failures survived before giving up (default 3)"),
     ("--target-accuracy", "run", "target_accuracy", float, "stop once validation accuracy (test without a validation split) reaches this, 0-1 (default off)"),
+    ("--target-loss", "run", "target_loss", float, "stop once validation loss (test without a validation split) is at "
+     "or below this; any targets, the stop rule for regression (default off)"),
     ("--time-limit", "run", "time_limit", float, "stop after this many seconds of training (default off)"),
     ("--slow-replica", "run", "slow_replica", str, "RANK:FACTOR: replica RANK's steps take FACTOR times as long (it "
      "sleeps); a testing and benchmarking aid for straggler tolerance (default off)"),

@@ -19,8 +19,8 @@ def build_parser() -> argparse.ArgumentParser:
         "Train a PyTorch model on Ray actors with one of these strategies: "
         + "; ".join(f"{s.name}: {s.summary}" for s in strategies.all_strategies()) + ". Joins the cluster named by RAY_ADDRESS, else starts a local one. Streams metrics to TensorBoard under <storage>/<run-name>/ and writes summary.json."),
         epilog="Example: python -m ray_train --model net_c --replicas 2 --epochs 5 --lr 0.1. Subcommands: "
-        "python -m ray_train compare (every regime on one job, side by side) and python -m ray_train search "
-        "(random search on Ray Tune); each takes --help.")
+        "python -m ray_train compare (every regime on one job, side by side), python -m ray_train search "
+        "(random search on Ray Tune) and python -m ray_train predict (use a finished run); each takes --help.")
     add_training_flags(p)
     add_output_flags(p)
     p.add_argument("--overfit-check", action="store_true",

@@ -26,8 +26,11 @@ DEFAULT_VALIDATION = 0.1  # the share held out of a dataset that brings no valid
 class Dataset:
     """Train and test arrays from numpy, of any input shape and any number of classes: inputs
     [N, ...] as uint8 (pixels 0..255, scaled to [0, 1] on use) or floats (kept as float32), labels
-    int64 [N] in 0 .. num_classes - 1 (num_classes: the largest label + 1 when not given). Mistakes
-    are a DataError naming the array."""
+    int64 [N] in 0 .. num_classes - 1 (num_classes: the largest label + 1 when not given). Float
+    targets of any shape [N, ...] make a regression dataset (kept as float32, num_classes None):
+    ``regression`` None infers it (integer labels, or whole-number floats [N]: classes; other
+    floats: regression), True or False says it. ``class_names`` optionally names the classes (what
+    predict prints; kept in model.pt). Mistakes are a DataError naming the array."""
 
     name: str
     x_train: np.ndarray
@@ -38,13 +41,19 @@ class Dataset:
     x_val: np.ndarray | None = None  # the validation split, held out of training (load_dataset)
     y_val: np.ndarray | None = None
     standardize: dict | None = None  # {"mean", "std"} arrays from the training split, once applied
+    regression: bool | None = None
+    class_names: tuple | None = None
 
     def __post_init__(self) -> None:
         fix = object.__setattr__
         if (self.x_val is None) != (self.y_val is None):
             raise DataError("x_val and y_val come together: give both or neither")
-        for split in ("train", "test") + (("val",) if self.x_val is not None else ()):
-            x, y = _inputs(f"x_{split}", getattr(self, f"x_{split}")), _labels(f"y_{split}", getattr(self, f"y_{split}"))
+        splits = ("train", "test") + (("val",) if self.x_val is not None else ())
+        if self.regression is None:
+            fix(self, "regression", any(_is_regression(getattr(self, f"y_{s}")) for s in splits))
+        for split in splits:
+            read = _targets if self.regression else _labels
+            x, y = _inputs(f"x_{split}", getattr(self, f"x_{split}")), read(f"y_{split}", getattr(self, f"y_{split}"))
             if len(x) != len(y):
                 raise DataError(f"x_{split} has {len(x)} examples but y_{split} has {len(y)} labels")
             if not len(x):
@@ -57,11 +66,27 @@ class Dataset:
         if self.x_val is not None and self.x_train.shape[1:] != self.x_val.shape[1:]:
             raise DataError(f"x_train's examples have shape {list(self.x_train.shape[1:])} but x_val's "
                             f"{list(self.x_val.shape[1:])}")
+        if self.regression:
+            for split in splits[1:]:
+                if getattr(self, f"y_{split}").shape[1:] != self.y_train.shape[1:]:
+                    raise DataError(f"y_train's targets have shape {list(self.y_train.shape[1:])} but y_{split}'s "
+                                    f"{list(getattr(self, f'y_{split}').shape[1:])}")
+            if self.num_classes is not None or self.class_names is not None:
+                raise DataError("num_classes and class_names are for class labels; these targets are floats "
+                                "(regression); give integer labels or leave them out")
+            return
         top = int(max(self.y_train.max(), self.y_test.max(), self.y_val.max() if self.y_val is not None else 0))
+        if self.num_classes is None and self.class_names is not None:
+            fix(self, "num_classes", len(self.class_names))
         if self.num_classes is None:
             fix(self, "num_classes", top + 1)
         elif top >= self.num_classes:
             raise DataError(f"label {top} is out of range for num_classes={self.num_classes}")
+        if self.class_names is not None:
+            names = tuple(str(n) for n in self.class_names)
+            if len(names) != self.num_classes:
+                raise DataError(f"class_names: {len(names)} names for {self.num_classes} classes")
+            fix(self, "class_names", names)
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -70,6 +95,11 @@ class Dataset:
     @property
     def has_validation(self) -> bool:
         return self.y_val is not None
+
+    @property
+    def target_shape(self) -> tuple[int, ...]:
+        """One example's target: () for a class label or a scalar regression target."""
+        return tuple(self.y_train.shape[1:])
 
 
 def _inputs(name: str, x) -> np.ndarray:
@@ -86,6 +116,24 @@ def _inputs(name: str, x) -> np.ndarray:
     return x
 
 
+def _is_regression(y) -> bool:
+    y = np.asarray(y)
+    if not np.issubdtype(y.dtype, np.floating):
+        return False
+    return y.ndim != 1 or not (np.isfinite(y).all() and (y == np.round(y)).all())
+
+
+def _targets(name: str, y) -> np.ndarray:
+    y = np.asarray(y)
+    if y.ndim < 1 or not (np.issubdtype(y.dtype, np.floating) or np.issubdtype(y.dtype, np.integer)):
+        raise DataError(f"{name}: expected float regression targets [examples, ...], got dtype {y.dtype} "
+                        f"and shape {list(y.shape)}")
+    y = np.ascontiguousarray(y, dtype=np.float32)
+    if not np.isfinite(y).all():
+        raise DataError(f"{name}: holds NaN or infinite values")
+    return y
+
+
 def _labels(name: str, y) -> np.ndarray:
     y = np.asarray(y)
     if y.ndim != 1:
@@ -93,7 +141,8 @@ def _labels(name: str, y) -> np.ndarray:
     if np.issubdtype(y.dtype, np.floating) and np.isfinite(y).all() and (y == np.round(y)).all():
         y = y.astype(np.int64)
     if not np.issubdtype(y.dtype, np.integer) or y.dtype == np.bool_:
-        raise DataError(f"{name}: expected integer class labels, got dtype {y.dtype}")
+        raise DataError(f"{name}: expected integer class labels, got dtype {y.dtype} (float targets are a "
+                        "regression: Dataset(..., regression=True) with a regression loss, e.g. loss='mse')")
     if len(y) and y.min() < 0:
         raise DataError(f"{name}: label {int(y.min())} is negative; labels are 0 .. classes - 1")
     return y.astype(np.int64, copy=False)
@@ -117,7 +166,12 @@ def split_validation(data: Dataset, fraction: float | None) -> Dataset:
         return data
     else:
         share = (MNIST5K_VAL / n if data.name == "mnist5k" else DEFAULT_VALIDATION) if fraction is None else fraction
-        train, val = stratified_split(data.y_train, 1.0 - share, SPLIT_SEED)
+        if data.regression:  # no classes to stratify: a seeded random share
+            order = np.random.default_rng(SPLIT_SEED).permutation(n)
+            cut = int(round(n * (1.0 - share)))
+            train, val = np.sort(order[:cut]), np.sort(order[cut:])
+        else:
+            train, val = stratified_split(data.y_train, 1.0 - share, SPLIT_SEED)
         if not len(val) or not len(train):
             raise DataError(f"data.validation: a {share:g} share of {data.name}'s {n} training examples leaves "
                             f"{len(train)} to train on and {len(val)} to validate; give another --validation or 0")
@@ -150,7 +204,7 @@ def expand_shifts(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     out[2, ..., 1:, :] = x[..., :-1, :]  # down
     out[3, ..., :-1] = x[..., 1:]  # left
     out[4, ..., 1:] = x[..., :-1]  # right
-    return out.reshape((5 * len(x),) + x.shape[1:]), np.tile(y, 5)
+    return out.reshape((5 * len(x),) + x.shape[1:]), np.concatenate([y] * 5)
 
 
 def stratified_split(y: np.ndarray, train_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -155,7 +155,8 @@ def _idx_folder(folder: str) -> Dataset:
 
 
 def _npz(path: str) -> Dataset:
-    """x_train, y_train, x_test, y_test from a NumPy .npz (no pickled objects)."""
+    """x_train, y_train, x_test, y_test from a NumPy .npz (no pickled objects); an optional
+    class_names array (strings, one per class) names the classes."""
     if not os.path.isfile(path):
         raise DataError(f"npz:{path}: file not found")
     try:
@@ -165,6 +166,8 @@ def _npz(path: str) -> Dataset:
                 raise DataError(f"npz:{path}: no array {missing[0]!r}; it holds {', '.join(npz.files) or 'nothing'} "
                                 "and needs x_train, y_train, x_test, y_test")
             arrays = {k: npz[k] for k in MNIST_FILES}
+            if "class_names" in npz.files:
+                arrays["class_names"] = tuple(str(n) for n in npz["class_names"].reshape(-1))
     except (OSError, ValueError) as exc:
         raise DataError(f"npz:{path}: not a readable .npz file ({exc})") from None
     return Dataset(os.path.splitext(os.path.basename(path))[0], **arrays)

@@ -26,7 +26,7 @@ def _is_terminal(stream) -> bool:
 
 class MetricsSink:
     """Tags (docs/tensorboard.md lists them): train/loss, train/accuracy, lr, val/loss, val/accuracy, test/loss, test/accuracy,
-    throughput/samples_per_s, time/step_ms/replica_<k>, comm/bytes, weights/<name>, test/confusion_matrix;
+    (regression: train/mae, val/mae, test/mae instead of the accuracies), throughput/samples_per_s, time/step_ms/replica_<k>, comm/bytes, weights/<name>, test/confusion_matrix;
     engines add their own (ps/*, ensemble/*) through ``scalar``, ``histogram`` and ``image``.
 
     ``progress`` None shows a bar only when ``out`` is a terminal: under ``ray job submit``, in CI
@@ -78,25 +78,31 @@ class MetricsSink:
                              leave=False, file=sys.stderr, dynamic_ncols=True)
 
     def train_chunk(self, step: int, steps: int, loss: float, accuracy: float, step_ms: dict[int, float],
-                    comm_bytes: int | None = None) -> None:
+                    comm_bytes: int | None = None, metric: str = "accuracy") -> None:
+        """``accuracy`` is the mean absolute error when ``metric`` is "mae" (regression)."""
         self.scalar("train/loss", loss, step)
-        self.scalar("train/accuracy", accuracy, step)
+        self.scalar(f"train/{metric}", accuracy, step)
         if comm_bytes is not None:
             self.scalar("comm/bytes", comm_bytes, step)
         for rank, ms in step_ms.items():
             self.scalar(f"time/step_ms/replica_{rank}", ms, step)
         if self._bar is not None:
             self._bar.update(max(0, min(steps, self._bar.total - self._bar.n)))  # async chunks may run past the epoch
-            self._bar.set_postfix(loss=f"{loss:.3f}", acc=f"{accuracy:.3f}")
+            self._bar.set_postfix(loss=f"{loss:.3f}", **{"acc" if metric == "accuracy" else metric: f"{accuracy:.3f}"})
 
     def end_epoch(self, record: dict[str, Any], step: int) -> None:
         """The per-epoch scalars and one line on stdout."""
         self._close_bar()
         for key, tag in (("lr", "lr"), ("samples_per_s", "throughput/samples_per_s"),
                          ("test_loss", "test/loss"), ("test_accuracy", "test/accuracy"),
-                         ("val_loss", "val/loss"), ("val_accuracy", "val/accuracy")):
+                         ("val_loss", "val/loss"), ("val_accuracy", "val/accuracy"),
+                         ("test_mae", "test/mae"), ("val_mae", "val/mae")):
             if record.get(key) is not None:
                 self.scalar(tag, record[key], step)
+        if "train_mae" in record:  # regression
+            print(f"{self.label} {regression_line(record)}" if self.label else regression_line(record),
+                  file=self.out, flush=True)
+            return
         test = ""
         if record.get("val_accuracy") is not None:
             test = f"  val acc {record['val_accuracy']:.4f}"
@@ -144,3 +150,11 @@ class MetricsSink:
         self.logger.close()
 
 
+def regression_line(record: dict[str, Any]) -> str:
+    """A regression epoch's line: losses and mean absolute errors where classes have accuracies."""
+    line = f"epoch {record['epoch']:>3}  loss {record['train_loss']:.4f}  train mae {record['train_mae']:.4f}"
+    if record.get("val_loss") is not None:
+        line += f"  val loss {record['val_loss']:.4f} mae {record['val_mae']:.4f}"
+    if record.get("test_loss") is not None:
+        line += f"  test loss {record['test_loss']:.4f} mae {record['test_mae']:.4f}"
+    return f"{line}  {record['samples_per_s']:,.0f} samples/s"

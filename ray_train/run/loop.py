@@ -15,7 +15,7 @@ from ray_train.errors import CheckpointError, Diverged, Interrupted, ReplicaFail
 from ray_train.run.checkpoint import CheckpointStore
 from ray_train.run.failure import Decision, ReplicaDied
 from ray_train.worker.evaluation import EvalResult
-from ray_train.worker.losses import at_chance
+from ray_train.worker.losses import Objective
 from ray_train.worker.optim import Schedule
 
 CHANCE_EPOCHS = 3  # epochs at chance-level training accuracy before the loop warns
@@ -45,7 +45,7 @@ class Progress:
 
 @dataclass
 class Summary:
-    stopped: str  # epochs, target_accuracy, early_stop, lr_floor, converged or time_limit
+    stopped: str  # epochs, target_accuracy, target_loss, early_stop, lr_floor, converged or time_limit
     stop_reason: str
     epochs: int
     steps: int
@@ -53,10 +53,10 @@ class Summary:
     comm_bytes: int
     train_s: float
     samples_per_s: float
-    test_accuracy: float
-    test_errors: int
+    test_accuracy: float | None  # None for regression (test_mae instead)
+    test_errors: int | None
     test_loss: float
-    best_epoch: int | None  # the epoch of best validation accuracy (of best test accuracy without validation)
+    best_epoch: int | None  # the epoch of best validation accuracy (loss for regression; test without validation)
     val_accuracy: float | None  # at best_epoch
     best_test_accuracy: float | None  # test accuracy at best_epoch: the figure the texts report
     best_test_errors: int | None
@@ -68,6 +68,11 @@ class Summary:
     model_state: dict  # the final network
     best_model_state: dict | None  # the network at best_epoch (model.pt); None without evaluations
     warnings: list = field(default_factory=list)  # what the run warned about (the at-chance warning)
+    # regression (float targets): mean absolute errors, and the best epoch's losses
+    test_mae: float | None = None
+    val_loss: float | None = None  # at best_epoch
+    best_test_loss: float | None = None
+    best_test_mae: float | None = None
 
     def to_dict(self) -> dict:
         """summary.json's keys (asdict would deep-copy the model's tensors)."""
@@ -85,6 +90,8 @@ class RunLoop:
         self.checkpoints, self.resume, self.resume_hint = checkpoints, resume, resume_hint
         self.stop_signal = stop or (lambda: False)
         self.spe = engine.epoch_steps()
+        self.regression = bool(self.ctx.data.regression)
+        self.chance = Objective.of(self.cfg.model, self.ctx.data).at_chance(self.ctx.data.num_classes)
         if resume is not None:
             self.ctx.failures.failures = list(resume[0].get("failures", []))
 
@@ -144,7 +151,7 @@ class RunLoop:
         samples = max(chunk.samples, 1)
         loss = chunk.loss_sum / samples
         if p.first_loss is None and math.isfinite(loss) and loss > 0:
-            p.first_loss = at_chance(self.cfg.model.loss, self.ctx.data.num_classes) or loss
+            p.first_loss = self.chance or loss
         exploded = math.isfinite(loss) and p.first_loss is not None and loss > EXPLODED * p.first_loss
         if (exploded or not math.isfinite(loss)) and not self.diverged:
             what = f"{loss:.4g}, over {EXPLODED:g}x where it started ({p.first_loss:.4g})" if exploded else f"{loss}"
@@ -153,7 +160,8 @@ class RunLoop:
                              + (f"--resume {self.resume_hint} continues from the last good checkpoint"
                                 if self.resume_hint and self.checkpoints and self.checkpoints.paths()
                                 else "no checkpoint was written"))
-        self.sink.train_chunk(p.step, chunk.steps, loss, chunk.correct / samples, chunk.step_ms, p.comm_bytes)
+        self.sink.train_chunk(p.step, chunk.steps, loss, chunk.correct / samples, chunk.step_ms, p.comm_bytes,
+                              metric="mae" if self.regression else "accuracy")
 
     def _should_stop(self) -> bool:
         """Asked by the engine between chunks."""
@@ -178,20 +186,27 @@ class RunLoop:
                                "lower the learning rate (--lr)")
         samples = max(w["samples"], 1)
         record = {"epoch": epoch + 1, "lr": lr, "train_loss": w["loss_sum"] / samples,
-                  "train_accuracy": w["correct"] / samples, "samples_per_s": w["samples"] / max(w["elapsed"], 1e-9),
+                  "train_accuracy": None if self.regression else w["correct"] / samples,
+                  "samples_per_s": w["samples"] / max(w["elapsed"], 1e-9),
                   "epoch_s": w["elapsed"], "test_loss": None, "test_accuracy": None, "test_errors": None,
                   "val_loss": None, "val_accuracy": None,
                   # running totals, for plots against time, samples and bytes (python -m ray_train compare)
                   "train_s": p.train_s, "samples": p.samples, "comm_bytes": p.comm_bytes}
+        if self.regression:  # mean absolute errors where classes have accuracies
+            record.update(train_mae=w["correct"] / samples, test_mae=None, val_mae=None)
         if evaluation is not None:
             record.update(test_loss=evaluation.loss, test_accuracy=evaluation.accuracy, test_errors=evaluation.errors)
+            if self.regression:
+                record["test_mae"] = evaluation.mae
             self.last_eval = (p.step, evaluation)
         if validation is not None:
             record.update(val_loss=validation.loss, val_accuracy=validation.accuracy)
+            if self.regression:
+                record["val_mae"] = validation.mae
         watched = validation if self.ctx.data.has_validation else evaluation
         if watched is not None:
-            self.schedule.observe(epoch, watched.accuracy)
-            if p.best is None or watched.accuracy > p.best["watched"]:
+            self.schedule.observe(epoch, watched.score)
+            if p.best is None or watched.score > p.best["watched"]:
                 self._keep_best(epoch, watched, validation, evaluation)
         p.history.append(record)
         self.sink.end_epoch(record, p.step)
@@ -206,16 +221,21 @@ class RunLoop:
 
     def _keep_best(self, epoch: int, watched: EvalResult, validation: EvalResult | None,
                    evaluation: EvalResult | None) -> None:
-        """A new best (validation) accuracy: keep its figures, the test result of this very model
-        (evaluated now if this epoch's test evaluation was not due) and the model itself."""
+        """A new best (validation) accuracy, or loss for regression: keep its figures, the test result
+        of this very model (evaluated now if this epoch's test evaluation was not due) and the model
+        itself."""
         if evaluation is None:
             evaluation = self.engine.evaluate("test")
-        self.progress.best = {"epoch": epoch + 1, "watched": watched.accuracy,
+        self.progress.best = {"epoch": epoch + 1, "watched": watched.score,
                               "val_accuracy": None if validation is None else validation.accuracy,
+                              "val_loss": None if validation is None else validation.loss,
                               "test_accuracy": evaluation.accuracy, "test_errors": evaluation.errors,
+                              "test_loss": evaluation.loss, "test_mae": evaluation.mae,
                               "model_state": self.engine.model_state()}
 
     def _warn_at_chance(self, record: dict) -> None:
+        if self.regression:
+            return
         chance = 1.0 / self.ctx.data.num_classes
         recent = self.progress.history[-CHANCE_EPOCHS:]
         if (not self.warned and len(recent) == CHANCE_EPOCHS
@@ -235,19 +255,26 @@ class RunLoop:
         if evaluation is not None and target is not None and evaluation.accuracy >= target:
             return "target_accuracy", (f"{split} accuracy {evaluation.accuracy:.4f} reached the target {target:g} "
                                        f"after epoch {p.epoch}")
+        if evaluation is not None and cfg.run.target_loss is not None and evaluation.loss <= cfg.run.target_loss:
+            return "target_loss", (f"{split} loss {evaluation.loss:.4g} reached the target {cfg.run.target_loss:g} "
+                                   f"after epoch {p.epoch}")
         converged = self.engine.finished()
         if converged:
             return "converged", converged
         if self.schedule.should_stop:
-            return "early_stop", f"no better {split} accuracy in {cfg.optim.early_stop} evaluations"
+            return "early_stop", f"no better {split} {self._watched} in {cfg.optim.early_stop} evaluations"
         if self.schedule.floor_reached:
             return "lr_floor", (f"the plateau schedule halved the learning rate down to eta0/{cfg.optim.lr_floor_div:g} "
-                                f"({self.schedule.current:.3g}) and {split} accuracy still stalled")
+                                f"({self.schedule.current:.3g}) and {split} {self._watched} still stalled")
         if self._time_up():
             return "time_limit", f"time limit of {limit:g} s reached after {p.epoch} epochs and {p.in_epoch} steps"
         if p.epoch >= cfg.run.epochs:
             return "epochs", f"{cfg.run.epochs} epochs completed"
         return None
+
+    @property
+    def _watched(self) -> str:
+        return "loss" if self.regression else "accuracy"
 
     # -- state: begin, checkpoint, recover, finish ----------------------------------------------
     def _begin(self, found: tuple[dict, str] | None) -> None:
@@ -312,7 +339,8 @@ class RunLoop:
         if step != p.step:  # the last evaluation is not of the final parameters
             evaluation = self.engine.evaluate("test")
         data = self.ctx.data
-        self.sink.confusion(data.y_test, evaluation.preds, data.num_classes, p.step)
+        if not self.regression:
+            self.sink.confusion(data.y_test, evaluation.preds, data.num_classes, p.step)
         extras = self.engine.extras()  # first: an engine may record a failure it learns of only now
         failures, best = self.ctx.failures.failures, p.best or {}
         return Summary(stopped, reason, p.epoch, p.step, p.samples, p.comm_bytes, p.train_s,
@@ -320,4 +348,5 @@ class RunLoop:
                        evaluation.accuracy, evaluation.errors, evaluation.loss, best.get("epoch"),
                        best.get("val_accuracy"), best.get("test_accuracy"), best.get("test_errors"), list(failures),
                        len(failures), list(p.history), extras, evaluation, self.engine.model_state(),
-                       best.get("model_state"), list(p.warnings))
+                       best.get("model_state"), list(p.warnings), evaluation.mae, best.get("val_loss"),
+                       best.get("test_loss"), best.get("test_mae"))

@@ -1,5 +1,5 @@
 """What a run leaves in its folder besides checkpoints and event files: the folder itself with
-run.json, and the networks (model.pt, model-last.pt) with what scripts/evaluate.py needs."""
+run.json, and the networks (model.pt, model-last.pt) with what ``python -m ray_train predict`` needs."""
 from __future__ import annotations
 
 import os
@@ -32,11 +32,14 @@ def save_models(run_dir: str, summary, data: Dataset, extra: dict, vote: bool = 
     """model.pt: the network of the best-validation epoch (the figure the texts report), and
     model-last.pt the final one. An ensemble member (``vote``) votes with its final network, so
     there model.pt is the final network and model-best.pt the best-validation one. Each file
-    carries what scripts/evaluate.py needs to rebuild and feed the network."""
+    carries what predict needs to rebuild and feed the network: the input shape, the classes (and
+    their names) or the regression targets' shape, and the standardisation."""
     import torch
 
     stats = {k: torch.from_numpy(v) for k, v in data.standardize.items()} if data.standardize else None
-    meta = {**extra, "input_shape": list(data.input_shape), "num_classes": data.num_classes, "standardize": stats}
+    meta = {**extra, "input_shape": list(data.input_shape), "num_classes": data.num_classes, "standardize": stats,
+            "class_names": list(data.class_names) if data.class_names else None,
+            "regression": bool(data.regression), "target_shape": list(data.target_shape)}
     best = {**(summary.best_model_state or summary.model_state), **meta, "epoch": summary.best_epoch or summary.epochs}
     last = {**summary.model_state, **meta, "epoch": summary.epochs}
     names = (("model.pt", last), ("model-best.pt", best)) if vote else (("model.pt", best), ("model-last.pt", last))

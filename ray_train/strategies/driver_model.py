@@ -3,8 +3,6 @@ Sandblaster's coordinator. A copy of the network on the driver, loaded from ``dr
 serves evaluation, the weights histograms and model.pt."""
 from __future__ import annotations
 
-from functools import partial
-
 import numpy as np
 import torch
 
@@ -27,8 +25,7 @@ class DriverModel:
         data = self.ctx.data
         self._load_params()
         x, y = getattr(data, f"x_{split}"), getattr(data, f"y_{split}")
-        loss_sum, probs = predict(self.model, x, y, partial(losses.summed, self.ctx.cfg.model.loss), torch.device("cpu"),
-                                  data.num_classes)
+        loss_sum, probs = predict(self.model, x, y, losses.Objective.of(self.ctx.cfg.model, data), torch.device("cpu"))
         return combine([{"start": 0, "loss_sum": loss_sum, "probs": probs}], y)
 
     def weights(self) -> dict[str, np.ndarray]:

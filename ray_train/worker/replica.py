@@ -6,8 +6,6 @@ from __future__ import annotations
 import os
 import time
 from datetime import timedelta
-from functools import partial
-
 import numpy as np
 import torch
 
@@ -68,6 +66,7 @@ class Replica:
         self.device = pick_device(ctx)
         torch.manual_seed(ctx.seed)  # identical initial parameters on every replica of a group
         self.model = model().to(self.device)
+        self._objective = None
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.grad = flatten_grads(self.params)
         self.opt = build_optimizer(self.model.named_parameters(), cfg.optim)
@@ -80,6 +79,13 @@ class Replica:
         self.slow = slow_factor(cfg, ctx.rank)
         self.batches = np.empty((0, cfg.run.batch_size), dtype=np.int64)
         self.cursor = 0
+
+    @property
+    def objective(self) -> losses.Objective:
+        """The run's loss and score, built once the data is here (Downpour's replicas get it later)."""
+        if self._objective is None or self._objective.regression != bool(self.data.regression):
+            self._objective = losses.Objective.of(self.cfg.model, self.data)
+        return self._objective
 
     # -- wiring -------------------------------------------------------------------------------
     def info(self) -> dict:
@@ -142,7 +148,7 @@ class Replica:
     def train_steps(self, n: int) -> dict:
         """Run the next ``n`` steps of the epoch; returns sums and per-step times."""
         loss_sum = torch.zeros((), device=self.device)
-        correct = torch.zeros((), dtype=torch.int64, device=self.device)
+        correct = torch.zeros((), dtype=torch.float64, device=self.device)  # or summed absolute errors
         step_ms = np.empty(n, dtype=np.float32)
         todo = self.batches[self.cursor : self.cursor + n]
         inverse = self.cfg.optim.schedule == "inverse"
@@ -157,11 +163,12 @@ class Replica:
         self.cursor += len(todo)
         samples = len(todo) * self.cfg.run.batch_size
         moved, self.comm_bytes = self.comm_bytes, 0
-        return {"loss_sum": float(loss_sum) * self.cfg.run.batch_size, "correct": int(correct),
+        return {"loss_sum": float(loss_sum) * self.cfg.run.batch_size, "correct": float(correct),
                 "samples": samples, "step_ms": step_ms[: len(todo)], "rank": self.ctx.rank, "comm_bytes": moved}
 
     def step(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """One synchronous step on training examples ``idx``: loss and correct count."""
+        """One synchronous step on training examples ``idx``: loss and correct count (regression:
+        summed absolute error)."""
         loss, hits = self.gradients(*self.batch(idx))
         if self.comm is not None:
             self.comm.mean_(self.grad)
@@ -181,8 +188,8 @@ class Replica:
     def gradients(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """This batch's gradient into ``self.grad``; returns the loss and the correct count."""
         with self.precision.autocast():
-            out = self.model(x)
-            loss = losses.loss(self.cfg.model.loss, out.float(), y)
+            out = self.model(x).float()
+            loss = self.objective.loss(out, y)
         self.grad.zero_()  # not opt.zero_grad(): the grads must stay views into self.grad
         self.precision.backward(loss)
         if self.cfg.optim.l1:  # L1 (Nielsen ch. 3): l1 * sign(w) on weights, not biases (scaled as they are)
@@ -190,7 +197,7 @@ class Replica:
             for p in self.params:
                 if p.dim() > 1:
                     p.grad.add_(torch.sign(p.detach()), alpha=l1)
-        return loss.detach(), (out.argmax(1) == y).sum()
+        return loss.detach(), self.objective.score(out.detach(), y)
 
     # -- evaluation and state ----------------------------------------------------------------
     def evaluate(self, split: str = "test") -> dict:
@@ -198,8 +205,7 @@ class Replica:
         x, y = getattr(self.data, f"x_{split}"), getattr(self.data, f"y_{split}")
         idx = eval_shard(len(y), self.ctx.world_size, self.ctx.rank)
         lo, hi = (int(idx[0]), int(idx[-1]) + 1) if len(idx) else (0, 0)
-        loss_sum, probs = predict(self.model, x[lo:hi], y[lo:hi], partial(losses.summed, self.cfg.model.loss), self.device,
-                                  self.data.num_classes)
+        loss_sum, probs = predict(self.model, x[lo:hi], y[lo:hi], self.objective, self.device)
         return {"start": lo, "loss_sum": loss_sum, "probs": probs}
 
     def flat_params(self) -> np.ndarray:

@@ -220,7 +220,7 @@ class AsyncReplica(Replica):
         """Steps ``start .. start+n-1`` of this rank's own sequence of batches. The driver passes
         ``start``, so a restarted replica resumes its data order where the lost one stopped."""
         loss_sum = torch.zeros((), device=self.device)  # summed where the losses are; to the host once
-        correct = torch.zeros((), dtype=torch.int64, device=self.device)
+        correct = torch.zeros((), dtype=torch.float64, device=self.device)  # a count, or summed |error|
         step_ms = np.empty(n, dtype=np.float32)
         pushes = 0
         for i, s in enumerate(range(start, start + n)):
@@ -247,7 +247,7 @@ class AsyncReplica(Replica):
         self.settle()
         errors, self.shard_errors = self.shard_errors, []
         moved, self.comm_bytes = self.comm_bytes, 0
-        return {"loss_sum": float(loss_sum) * self.cfg.run.batch_size, "correct": int(correct),
+        return {"loss_sum": float(loss_sum) * self.cfg.run.batch_size, "correct": float(correct),
                 "samples": n * self.cfg.run.batch_size, "step_ms": step_ms, "rank": self.ctx.rank,
                 "pushes": pushes, "versions": self.seen.copy(), "shard_errors": errors, "pid": os.getpid(),
                 "comm_bytes": moved}

@@ -27,7 +27,7 @@ from ray_train.run.files import write_json
 from ray_train.run.loop import RunLoop, Summary
 from ray_train.strategies.ensemble.config import MemberSpec, member_config, member_specs
 from ray_train.strategies.ensemble.member import EnsembleMember
-from ray_train.strategies.ensemble.voting import vote_report
+from ray_train.strategies.ensemble.voting import average_report, vote_report
 from ray_train.strategies.sync.engine import SyncEngine
 
 MEMBER_CLASS = EnsembleMember  # tests swap in a subclass that dies, to exercise recovery
@@ -89,7 +89,8 @@ def run_member(cfg: TrainConfig, spec: MemberSpec, data, data_ref, custom, sink,
         child.say(f"WARNING: {error}")
         return MemberResult(spec, None, failures.failures[:-1], error)  # the last death was not restarted
     save_models(member_dir(run_dir, k), summary, data, {"spec": dataclasses.asdict(spec), "test_accuracy": summary.test_accuracy,
-                                                        "test_errors": summary.test_errors}, vote=True)
+                                                        "test_errors": summary.test_errors, "test_loss": summary.test_loss},
+                vote=True)
     return MemberResult(spec, summary, summary.failures)
 
 
@@ -149,8 +150,10 @@ def run_ensemble(job) -> dict:
     weights = np.array([r.spec.weight for r in ok])
     if weights.sum() <= 0:
         raise UserError("ensemble: every member left with a vote has weight 0; nothing to vote with")
-    report = vote_report(np.stack([r.summary.evaluation.probs for r in ok]), weights, data.y_test)
     members = [member_summary(r) for r in results]
+    if data.regression:
+        return averaged(cfg, data, sink, run_dir, results, ok, weights, members, warnings, train_s, slots, res)
+    report = vote_report(np.stack([r.summary.evaluation.probs for r in ok]), weights, data.y_test)
     log_ensemble(sink, data, report, ok, cfg.run.epochs)
     persist(run_dir, data, results, weights)
     print_report(sink.out, data.y_test, members, report, warnings)
@@ -165,6 +168,43 @@ def run_ensemble(job) -> dict:
             "warnings": warnings}
 
 
+def averaged(cfg, data, sink, run_dir, results, ok, weights, members, warnings, train_s, slots, res) -> dict:
+    """A regression ensemble: the members' outputs averaged (there is no vote without classes)."""
+    import torch
+
+    from ray_train.worker.losses import Objective
+
+    objective = Objective.of(cfg.model, data)
+
+    def loss_of(pred, y):
+        return float(objective.summed(torch.as_tensor(pred, dtype=torch.float32), torch.as_tensor(y))) / max(len(y), 1)
+
+    report = average_report(np.stack([r.summary.evaluation.probs for r in ok]), weights, data.y_test, loss_of)
+    for key in ("average_loss", "average_mae", "member_mean_mae", "member_best_mae"):
+        sink.scalar(f"ensemble/{key}", report[key], cfg.run.epochs)
+    sink.scalar("ensemble/members_voting", len(ok), cfg.run.epochs)
+    persist(run_dir, data, results, weights)
+    out = sink.out
+    print(f"ensemble on {len(data.y_test)} test examples (regression: the members' outputs averaged):", file=out)
+    for m in members:
+        what = (f"loss {m['test_loss']:.4g}, mae {m['test_mae']:.4g}" if m["status"] == "ok"
+                else "FAILED, left out of the average")
+        print(f"  member {m['index']}  {m['model']:<6} seed {m['seed']:<4} {what}", file=out)
+    print(f"  average: loss {report['average_loss']:.4g}, mae {report['average_mae']:.4g} (members: mean mae "
+          f"{report['member_mean_mae']:.4g}, best {report['member_best_mae']:.4g})", file=out)
+    for w in warnings:
+        print(f"WARNING: {w}", file=out)
+    out.flush()
+    samples = sum(r.summary.train_samples for r in ok)
+    return {"test_accuracy": None, "test_errors": None, "test_loss": report["average_loss"],
+            "test_mae": report["average_mae"], "train_samples": samples, "train_s": train_s,
+            "samples_per_s": samples / max(train_s, 1e-9), "epochs": max(r.summary.epochs for r in ok),
+            "stopped": ",".join(sorted({r.summary.stopped for r in ok})), "history": ensemble_history(ok),
+            "replicas": len(results) * res.replicas, "replicas_per_member": res.replicas,
+            "concurrent_members": slots, "members": members, "members_voting": len(ok),
+            **{k: v for k, v in report.items() if k != "average_preds"}, "warnings": warnings}
+
+
 def ensemble_history(ok: list[MemberResult]) -> list[dict]:
     """One record per epoch, each number the mean over the members that reached that epoch."""
     out, histories = [], [r.summary.history for r in ok]
@@ -172,7 +212,7 @@ def ensemble_history(ok: list[MemberResult]) -> list[dict]:
         recs = [h[e] for h in histories if len(h) > e]
         rec = {"epoch": e + 1, "members": len(recs)}
         for key in ("lr", "train_loss", "train_accuracy", "samples_per_s", "epoch_s", "test_loss", "test_accuracy",
-                    "test_errors", "val_loss", "val_accuracy"):
+                    "test_errors", "val_loss", "val_accuracy", "train_mae", "test_mae", "val_mae"):
             vals = [r[key] for r in recs if r.get(key) is not None]
             rec[key] = float(np.mean(vals)) if vals else None
         out.append(rec)
@@ -182,6 +222,7 @@ def ensemble_history(ok: list[MemberResult]) -> list[dict]:
 def member_summary(r: MemberResult) -> dict:
     s = r.summary
     ran = {"test_accuracy": s.test_accuracy, "test_errors": s.test_errors, "test_loss": s.test_loss,
+           "test_mae": s.test_mae,
            "epochs": s.epochs, "train_samples": s.train_samples, "train_s": s.train_s, "stopped": s.stopped,
            "distinct_examples": s.extras["distinct_examples"], "best_epoch": s.best_epoch,
            "val_accuracy": s.val_accuracy, "best_test_accuracy": s.best_test_accuracy,
@@ -206,13 +247,15 @@ def log_ensemble(sink, data, report: dict, ok: list[MemberResult], step: int) ->
 
 
 def persist(run_dir: str, data, results: list[MemberResult], weights: np.ndarray) -> None:
-    """ensemble.json: which member files vote and with what weight (scripts/evaluate.py reads it)."""
+    """ensemble.json: which member files vote and with what weight (ray_train/run/reload.py reads it)."""
     entries = [{**dataclasses.asdict(r.spec), "status": "ok" if r.ok else "failed",
                 "path": os.path.relpath(os.path.join(member_dir(run_dir, r.spec.index), "model.pt"), run_dir)}
                for r in results]
     write_json(os.path.join(run_dir, ENSEMBLE_FILE),
                {"members": entries, "weights": [float(w) for w in weights], "num_classes": data.num_classes,
-                "dataset": data.name, "tie_rule": "plurality; ties -> highest summed softmax, then lowest label"})
+                "dataset": data.name, "regression": bool(data.regression),
+                "tie_rule": ("none: a regression ensemble averages its members' outputs" if data.regression
+                             else "plurality; ties -> highest summed softmax, then lowest label")})
 
 
 def print_report(out, y: np.ndarray, members: list[dict], report: dict, warnings: list[str]) -> None:

@@ -131,3 +131,31 @@ def vote_report(probs: np.ndarray, weights: np.ndarray, y: np.ndarray) -> dict:
             "disagreement": dis.round(6).tolist(), "mean_disagreement": float(off.mean()) if off.size else 0.0,
             "tie_rule": "plurality of argmax votes; ties -> highest summed softmax probability, then lowest label",
             "vote_preds": hard}
+
+
+# -- regression: the members' outputs averaged (a vote needs classes) ---------------------------
+VOTE_NEEDS_CLASSES = ("a vote needs class labels; this ensemble's members are regressors (float targets), and "
+                      "their outputs are averaged (weighted by the member weights) instead")
+
+
+def average(outputs: np.ndarray, weights=None) -> np.ndarray:
+    """Members' outputs [M, n, ...] averaged with the member weights: a regression ensemble's prediction."""
+    a = np.asarray(outputs, dtype=np.float64)
+    w = _weights(weights, a.shape[0])
+    return np.tensordot(w / w.sum(), a, axes=1)
+
+
+def average_report(outputs: np.ndarray, weights: np.ndarray, y: np.ndarray, loss_of) -> dict:
+    """What summary.json reports about a regression ensemble: the averaged outputs' loss
+    (``loss_of(predictions, y)``, the run's loss) and mean absolute error, and the members' own."""
+    mean = average(outputs, weights)
+    mae = [_mae(o, y) for o in outputs]
+    return {"average_loss": float(loss_of(mean, y)), "average_mae": _mae(mean, y),
+            "member_mean_mae": float(np.mean(mae)), "member_best_mae": float(min(mae)),
+            "combine": "weighted average of the members' outputs", "average_preds": mean}
+
+
+def _mae(pred: np.ndarray, y: np.ndarray) -> float:
+    if not len(y):
+        return 0.0
+    return float(np.abs(np.asarray(pred, dtype=np.float64).reshape(y.shape) - y).reshape(len(y), -1).mean(1).mean())

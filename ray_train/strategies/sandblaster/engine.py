@@ -146,7 +146,7 @@ class SandblasterEngine(DriverModel, Engine):
         loss, accuracy = it["first"]
         samples = it["samples"]  # every function evaluation's examples; loss and accuracy: the first's
         scale = max(samples, 1)
-        return Chunk(1, samples, loss * scale, int(round(accuracy * scale)),
+        return Chunk(1, samples, loss * scale, accuracy * scale,
                      {r: float(np.mean(ms)) for r, ms in sorted(it["ms"].items())}, it["bytes"])
 
     def _closure(self) -> float:

@@ -59,6 +59,7 @@ class SandblasterWorker:
         """Receive the dataset (a method call, not a constructor argument: the actor restarts)."""
         self.data = data
         self.inputs = Inputs(data, self.device, self.cfg.resources.data_on_device, self.ctx.num_gpus)
+        self.objective = losses.Objective.of(self.cfg.model, data)
         self.version = None
         return self.info()
 
@@ -95,13 +96,13 @@ class SandblasterWorker:
         """The summed loss and gradient (into self.grad) of one unit; ``precision`` None: fp32."""
         self.grad.zero_()
         with precision.autocast() if precision else contextlib.nullcontext():
-            out = self.model(x)
-            loss = losses.summed(self.cfg.model.loss, out.float(), y)
+            out = self.model(x).float()
+            loss = self.objective.summed(out, y)
         if precision:
             precision.backward(loss)
         else:
             loss.backward()
-        return loss, int((out.argmax(1) == y).sum())
+        return loss, float(self.objective.score(out.detach(), y))
 
     def _examples(self, key: int, lo: int, hi: int):
         if key < 0:
