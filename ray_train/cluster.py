@@ -173,6 +173,19 @@ def importing_meanwhile(modules: tuple[str, ...], work) -> None:
         raise failed[0]
 
 
+# Ray's periodic background work that a run's own one-node cluster does not use, turned down before
+# it starts (the processes it starts inherit the environment; a value already set is kept): the
+# autoscaler monitor's update (a fixed local cluster never scales), the dashboard agent's
+# per-process stats (psutil over every process every 5 s) and the core workers' metrics export.
+# On a 2-core machine they took ~20% of a run's CPU time besides the replicas (docs/benchmarks.md).
+QUIET_LOCAL_CLUSTER = {
+    "AUTOSCALER_UPDATE_INTERVAL_S": "60",
+    "REPORTER_UPDATE_INTERVAL_MS": "60000",
+    "RAY_enable_metrics_collection": "0",
+    "RAY_USAGE_STATS_ENABLED": "0",
+}
+
+
 def _start_or_join(address: str, num_cpus: int | None) -> None:
     import ray
 
@@ -190,6 +203,8 @@ def _start_or_join(address: str, num_cpus: int | None) -> None:
             raise UserError(f"cluster: cannot join the Ray cluster at {address}: {str(exc).splitlines()[0]}{auth}"
                             ) from None
         return
+    for name, value in QUIET_LOCAL_CLUSTER.items():
+        os.environ.setdefault(name, value)
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
 
 

@@ -50,8 +50,15 @@ if [[ -z "$storage" ]]; then
 fi
 
 job_id="${RAY_TRAIN_JOB_ID:-ray-train-$(date +%Y%m%d-%H%M%S)-$$}"
-"$ray_cli" job submit --no-wait --submission-id "$job_id" \
-    --working-dir . --runtime-env cluster/runtime_env.yaml -- python scripts/train.py "$@"
+# Ray's own lines (packaging, upload, its generic next steps) are shown only when the submission fails.
+ray_out="$(mktemp)"
+trap 'rm -f "$ray_out"' EXIT
+if ! "$ray_cli" job submit --no-wait --submission-id "$job_id" \
+    --working-dir . --runtime-env cluster/runtime_env.yaml -- python scripts/train.py "$@" >"$ray_out" 2>&1; then
+    cat "$ray_out" >&2
+    echo "submit.sh: error: ray job submit failed (its output above)" >&2
+    exit 1
+fi
 
 # The hints are complete commands: a new shell has neither RAY_ADDRESS nor RAY_AUTH_MODE.
 env_prefix="RAY_ADDRESS=$address RAY_AUTH_MODE=$RAY_AUTH_MODE"
