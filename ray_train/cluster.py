@@ -66,7 +66,7 @@ def init_ray(num_cpus: int | None = None, preload: tuple[str, ...] = (), address
     from ray_train import raylog
 
     if ray.is_initialized():
-        raylog.LOG.verbose = verbose or raylog.LOG.verbose
+        raylog.capture_loggers(verbose)
         return f"cluster: the Ray cluster this process is on already, {_size()} (ray.init was called before this run)"
     target, why = resolve_address(address)
     raylog.capture_loggers(verbose)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import logging
 import os
+import sys
 import threading
 
 BUFFERED_LINES = 2000
@@ -61,23 +62,35 @@ class _Handler(logging.Handler):
             self.handleError(record)
 
 
+class _Terminal(logging.Handler):
+    """--verbose: Ray's warnings on stderr as well (the stderr of the moment, as print would)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            sys.stderr.write(self.format(record) + "\n")
+        except Exception:
+            self.handleError(record)
+
+
 def capture_loggers(verbose: bool = False) -> None:
-    """Before ray.init: the driver's "ray" loggers write to the log; with ``verbose`` also to
-    stderr (warnings and above, as Ray formats them)."""
+    """The driver's "ray" loggers write to the log; with ``verbose`` also to stderr (warnings and
+    above). Called before ray.init, and again by each run (its own --verbose)."""
     LOG.verbose = verbose
     ray_logger = logging.getLogger("ray")
-    if any(isinstance(h, _Handler) for h in ray_logger.handlers):
-        return
-    terminal = [h for h in ray_logger.handlers if isinstance(h, logging.StreamHandler)
-                and not isinstance(h, logging.FileHandler)]
-    for h in terminal:
-        if verbose:
-            h.setLevel(logging.WARNING)
-        else:
-            ray_logger.removeHandler(h)
-    handler = _Handler()
-    handler.setFormatter(logging.Formatter(FORMAT))
-    ray_logger.addHandler(handler)
+    for h in list(ray_logger.handlers):
+        if not isinstance(h, (_Handler, _Terminal, logging.FileHandler)):
+            ray_logger.removeHandler(h)  # Ray's own, to the terminal
+    if not any(isinstance(h, _Handler) for h in ray_logger.handlers):
+        handler = _Handler()
+        handler.setFormatter(logging.Formatter(FORMAT))
+        ray_logger.addHandler(handler)
+    terminal = [h for h in ray_logger.handlers if isinstance(h, _Terminal)]
+    if verbose and not terminal:
+        loud = _Terminal(logging.WARNING)
+        loud.setFormatter(logging.Formatter(FORMAT))
+        ray_logger.addHandler(loud)
+    for h in terminal if not verbose else []:
+        ray_logger.removeHandler(h)
     ray_logger.propagate = False
 
 

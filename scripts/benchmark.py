@@ -246,7 +246,8 @@ def _command(name: str, width: int, batch: int, steps: int, warmup: int) -> list
             "--batch", str(batch), "--steps", str(steps), "--warmup", str(warmup)]
 
 
-def run_case(name: str, width: int, batch: int, steps: int, warmup: int, copies: int = 1, env: dict | None = None) -> dict:
+def run_case(name: str, width: int, batch: int, steps: int, warmup: int, copies: int = 1, env: dict | None = None,
+             retries: int = 1) -> dict:
     """One case in a fresh interpreter (``copies`` of it side by side): its figures plus the
     whole run's wall time. With copies > 1 the samples/s add up and the wall is the longest."""
     t0 = time.perf_counter()
@@ -262,6 +263,10 @@ def run_case(name: str, width: int, batch: int, steps: int, warmup: int, copies:
         lines = [ln for ln in stdout.splitlines() if ln.startswith("{")]
         if proc.returncode != 0 or not lines:
             sys.stderr.write(stderr[-3000:])
+            if retries > 0:  # on a loaded machine Ray's node may miss its 30 s start-up deadline
+                print(f"[bench] case {name} (width {width}) failed with status {proc.returncode}; once more",
+                      file=sys.stderr, flush=True)
+                return run_case(name, width, batch, steps, warmup, copies, env, retries - 1)
             raise SystemExit(f"benchmark case {name} (width {width}) failed with status {proc.returncode}")
         figures.append(json.loads(lines[-1]))
     out = {**figures[0], "wall_s": wall}

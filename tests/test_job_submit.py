@@ -194,7 +194,8 @@ def test_default_job_under_ray_job_submit(ray_head):
 
     # the driver joined the job's cluster (no local one) and said so first, trained an epoch, pointed at
     # TensorBoard; Ray's own lines went to the run folder's ray.log
-    ours = [ln for ln in logs.splitlines() if ln.strip()]
+    # the job server's own lines ("Runtime env is setting up", "Running entrypoint ...") come first
+    ours = [ln for ln in logs.split("Running entrypoint for job", 1)[1].splitlines()[1:] if ln.strip()]
     assert re.match(r"cluster: joined the Ray cluster at \S+, 1 node, 2 CPUs \(RAY_ADDRESS=", ours[0]), ours[:3]
     assert "Connecting to existing Ray cluster" not in logs and "Started a local Ray instance" not in logs
     assert re.search(r"^epoch\s+1\s+loss \d+\.\d+\s+train acc 0\.\d+\s+val acc 0\.\d+\s+test loss \d+\.\d+ acc 0\.\d+", logs, re.M), logs

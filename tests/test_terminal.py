@@ -135,3 +135,27 @@ def test_local_announces_itself_and_not_sync(ray_cluster, tmp_path, capsys):
     assert out.startswith("cluster: the Ray cluster this process is on already")
     assert "model averaging (local SGD): 2 replicas on ['cpu'], every 8 steps: averaged" in out
     assert "sync SGD" not in out
+
+
+def test_rays_lines_go_to_the_log_file_and_with_verbose_to_stderr_too(tmp_path, capsys):
+    import logging
+
+    from ray_train import raylog
+
+    path, previous = tmp_path / "ray.log", raylog.LOG.path
+    try:
+        raylog.capture_loggers(verbose=False)
+        raylog.LOG.to_file(str(path))
+        logging.getLogger("ray.some_module").warning("a quiet warning")
+        assert "a quiet warning" not in capsys.readouterr().err
+        raylog.capture_loggers(verbose=True)
+        logging.getLogger("ray.some_module").warning("a loud warning")
+        logging.getLogger("ray.some_module").info("an info line")
+        err = capsys.readouterr().err
+        assert "a loud warning" in err and "an info line" not in err
+        raylog._forwarded({"pid": "raylet", "lines": ["A worker died or was killed ..."]})
+    finally:
+        raylog.capture_loggers(verbose=False)
+        raylog.LOG.to_file(previous)
+    text = path.read_text()
+    assert "a quiet warning" in text and "a loud warning" in text and "(pid=raylet) A worker died or was killed" in text
