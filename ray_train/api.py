@@ -38,12 +38,23 @@ from ray_train.run.signals import StopSignals
 
 
 def fit(config: TrainConfig | Mapping | str | None = None, model=None, data=None, *, loss=None,
-        tensorboard: bool = True, progress: bool | None = None, out=None, on_epoch=None) -> dict:
+        tensorboard: bool = True, progress: bool | None = None, out=None, on_epoch=None, address: str | None = None,
+        verbose: bool = False, headers: bool = True) -> dict:
     """Train and return the summary (also written to <storage>/<run_name>/summary.json). Raises
     UserError (bad input), loop.Diverged, loop.Interrupted (SIGINT/SIGTERM: the run checkpointed
     where it stopped) or failure.ReplicaFailure (replicas died more often than run.max_failures).
-    ``on_epoch``, if given, is called with each epoch's history record (not by ensembles)."""
+    ``on_epoch``, if given, is called with each epoch's history record (not by ensembles).
+    ``address``: the cluster (cluster.resolve_address: local, auto, HOST:PORT; default RAY_ADDRESS,
+    else a local cluster of its own). Ray's own output goes to the run folder's ray.log, and to the
+    terminal as well with ``verbose``. ``headers`` False leaves out the lines a command that runs
+    several runs prints once itself (which cluster, where TensorBoard looks): compare."""
+    from ray_train.cluster import local_resources
+
     cfg = as_config(config)
+    # a run the local cluster about to start cannot hold fails now, not after Ray's start-up
+    local = local_resources(address)
+    if local is not None:
+        strategies.get(cfg.run.strategy).check_resources(cfg, total=local)
     cfg, custom = _with_model(cfg, model)
     cfg = _with_loss(cfg, loss)
     cfg, dataset = _with_data(cfg, data)
@@ -54,7 +65,8 @@ def fit(config: TrainConfig | Mapping | str | None = None, model=None, data=None
     for checked in {(c.model.name, c.model.dropout): c for c in runs}.values():
         check_model(model_factory(checked, dataset, custom), dataset, checked)
     factory = model_factory(cfg, dataset, custom)
-    return _run(cfg, dataset, factory, custom, tensorboard, progress, out or sys.stdout, on_epoch)
+    return _run(cfg, dataset, factory, custom, tensorboard, progress, out or sys.stdout, on_epoch, address, verbose,
+                headers)
 
 
 def as_config(config) -> TrainConfig:
@@ -142,10 +154,23 @@ def _with_lambda(cfg: TrainConfig, data: Dataset) -> TrainConfig:
     return _replace(cfg, "optim", weight_decay=decay, l2_lambda=None)
 
 
-def _run(cfg: TrainConfig, data: Dataset, factory, custom, tensorboard: bool, progress, out, on_epoch=None) -> dict:
+def _run(cfg: TrainConfig, data: Dataset, factory, custom, tensorboard: bool, progress, out, on_epoch=None,
+         address: str | None = None, verbose: bool = False, headers: bool = True) -> dict:
+    from ray_train import raylog
+
+    previous = raylog.LOG.path  # compare's own ray.log, between its regimes
+    try:
+        return _run_logged(cfg, data, factory, custom, tensorboard, progress, out, on_epoch, address, verbose, headers)
+    finally:
+        raylog.LOG.to_file(previous)
+
+
+def _run_logged(cfg: TrainConfig, data: Dataset, factory, custom, tensorboard: bool, progress, out, on_epoch,
+                address: str | None, verbose: bool, headers: bool) -> dict:
     import ray
 
-    from ray_train.cluster import init_ray
+    from ray_train import raylog
+    from ray_train.cluster import factory_failure, init_ray
     from ray_train.metrics.sink import MetricsSink
     from ray_train.metrics.tensorboard import NullLogger, TensorBoardLogger, logged_steps
     from ray_train.run.job import Job
@@ -153,10 +178,14 @@ def _run(cfg: TrainConfig, data: Dataset, factory, custom, tensorboard: bool, pr
     t_start = time.perf_counter()
     strategy = strategies.get(cfg.run.strategy)
     # torch and the strategy's modules load while Ray starts its processes
-    init_ray(preload=("ray_train.run.loop",) + strategy.modules())
+    cluster = init_ray(preload=("ray_train.run.loop",) + strategy.modules(), address=address, verbose=verbose)
+    if headers:
+        print(cluster, file=out, flush=True)
     strategy.check_resources(cfg)
     name = cfg.run_name
     run_dir = make_run_dir(cfg, name)
+    raylog.LOG.to_file(os.path.join(run_dir, "ray.log"))
+    raylog.note(f"run {name} in {run_dir}")
     checkpoints = CheckpointStore(run_dir, keep=cfg.run.keep_checkpoints)
     found, skip_logged = None, {}
     if cfg.run.resume and strategy.resumes_itself:
@@ -180,7 +209,10 @@ def _run(cfg: TrainConfig, data: Dataset, factory, custom, tensorboard: bool, pr
     try:
         with StopSignals() as stop:  # after ray.init: Ray installs its own SIGTERM handler there
             job = Job(strategy, cfg, data, data_ref, factory, custom, sink, run_dir, checkpoints, found, stop, on_epoch)
-            result = strategy.run(job)
+            try:
+                result = strategy.run(job)
+            except ray.exceptions.RayActorError as exc:
+                raise factory_failure(exc) or exc
     finally:
         sink.flush()
     summary = {"run_name": name, "strategy": cfg.run.strategy, "model": cfg.model.name, "dataset": data.name,
@@ -202,7 +234,7 @@ def _run(cfg: TrainConfig, data: Dataset, factory, custom, tensorboard: bool, pr
         print(f"done: test accuracy {summary['test_accuracy']:.4f} ({summary['test_errors']} errors), "
               f"{summary['samples_per_s']:,.0f} samples/s, {summary['wall_s']:.1f} s wall; "
               f"summary in {run_dir}/summary.json", file=out, flush=True)
-    if tensorboard:
+    if tensorboard and headers:
         print(f"watch it: tensorboard --logdir {cfg.run.storage}", file=out, flush=True)
     return summary
 
@@ -225,7 +257,8 @@ def _flat_hparams(cfg: TrainConfig) -> dict:
 OVERFIT_EXAMPLES, OVERFIT_STEPS, OVERFIT_ERROR = 100, 400, 0.01
 
 
-def overfit_check(config=None, model=None, data=None, *, progress: bool | None = None, out=None) -> dict:
+def overfit_check(config=None, model=None, data=None, *, progress: bool | None = None, out=None,
+                  address: str | None = None, verbose: bool = False) -> dict:
     """The sanity check before a long run (the seed article's section 7.1): train the model on
     about 100 training examples, without regularisation, on one replica, and see whether the
     training error goes to (near) zero. A model, loss and optimizer that cannot overfit 100
@@ -252,7 +285,8 @@ def overfit_check(config=None, model=None, data=None, *, progress: bool | None =
               resources=rep(cfg.resources, replicas=1))
     print(f"overfit check: {cfg.model.name} on {len(y)} training examples of {full.name}, {epochs * (len(y) // batch)} "
           f"steps of batch {batch}, no regularisation", file=out, flush=True)
-    summary = fit(cfg, model=custom, data=small, tensorboard=False, progress=progress, out=out)
+    summary = fit(cfg, model=custom, data=small, tensorboard=False, progress=progress, out=out, address=address,
+                  verbose=verbose)
     error = 1.0 - summary["test_accuracy"]
     passed = error <= OVERFIT_ERROR
     verdict = ("passed: the model, loss and optimizer can fit the data" if passed else

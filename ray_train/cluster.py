@@ -8,7 +8,7 @@ import os
 import socket
 from dataclasses import dataclass
 
-from ray_train.errors import ResourceError
+from ray_train.errors import ResourceError, UserError
 
 PLACEMENT_TIMEOUT_S = 60.0
 
@@ -50,19 +50,102 @@ def tune_malloc() -> bool:
     return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))
 
 
-def init_ray(num_cpus: int | None = None, preload: tuple[str, ...] = ()) -> None:
-    """Join the cluster named by RAY_ADDRESS (as under ``ray job submit``), else start a local one.
+def init_ray(num_cpus: int | None = None, preload: tuple[str, ...] = (), address: str | None = None,
+             verbose: bool = False) -> str:
+    """Join or start the cluster ``address`` names (``resolve_address``) and return one line
+    saying which cluster this process is on and why.
 
     A local cluster runs without the dashboard: on a 2-core machine its processes take CPU
     from the replicas (docs/benchmarks.md). ``preload`` names modules (torch and what imports it) to
     import in a background thread meanwhile: ray.init spends most of its seconds waiting for the
     processes it starts, and the driver's imports fill that time (about 1 s sooner to the first
-    step on the development VM)."""
+    step on the development VM). Ray's own output goes to ray_train.raylog (the run's ray.log),
+    and to the terminal as well with ``verbose``."""
     import ray
 
+    from ray_train import raylog
+
     if ray.is_initialized():
-        return
-    importing_meanwhile(preload, lambda: _start_or_join(num_cpus))
+        raylog.capture_loggers(verbose)
+        return f"cluster: the Ray cluster this process is on already, {_size()} (ray.init was called before this run)"
+    target, why = resolve_address(address)
+    raylog.capture_loggers(verbose)
+    importing_meanwhile(preload, lambda: _start_or_join(target, num_cpus))
+    raylog.capture_forwarded()
+    if target == "local":
+        line = f"cluster: started a local Ray cluster of its own, {_size()} ({why})"
+    else:
+        line = f"cluster: joined the Ray cluster at {ray.get_runtime_context().gcs_address}, {_size()} ({why})"
+    raylog.note(line)
+    return line
+
+
+ADDRESS_HELP = ("the Ray cluster to run on: local (a cluster of its own, started for this run), auto (the cluster "
+                "`ray start` left on this machine, or RAY_ADDRESS) or HOST:PORT (default: RAY_ADDRESS if set, as "
+                "under `ray job submit`, else local)")
+
+
+def resolve_address(address: str | None) -> tuple[str, str]:
+    """(what to hand ray.init, why): --address, else RAY_ADDRESS, else a local cluster of its own,
+    never the newest one `ray start` left on this machine (Ray's default without an address)."""
+    if address is not None:
+        address = address.strip()
+        if address not in ("local", "auto") and not _host_port(address):
+            raise UserError(f"--address: expected local, auto or HOST:PORT, got {address!r}")
+        return address, f"--address {address}"
+    env = os.environ.get("RAY_ADDRESS", "").strip()
+    if env:
+        return env, f"RAY_ADDRESS={env}"
+    return "local", "no --address given and RAY_ADDRESS unset"
+
+
+def _host_port(address: str) -> bool:
+    host, _, port = address.rpartition(":")
+    return bool(host) and port.isdigit() or address.startswith("ray://")
+
+
+def _size() -> str:
+    import ray
+
+    total = ray.cluster_resources()
+    gpus = total.get("GPU", 0.0)
+    nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+    cpus = total.get("CPU", 0.0)
+    return (f"{nodes} node{'s' if nodes != 1 else ''}, {cpus:g} CPU{'s' if cpus != 1 else ''}"
+            + (f", {gpus:g} GPU{'s' if gpus != 1 else ''}" if gpus else ""))
+
+
+def local_resources(address: str | None, num_cpus: int | None = None) -> dict | None:
+    """What the local cluster this process would start holds, known before starting it (so that
+    an impossible run fails in a second, not after Ray's start-up): CPUs as Ray counts them, GPUs
+    from the driver's device list without initialising CUDA. None when Ray is running already or
+    the run joins another cluster, which only ray.cluster_resources knows."""
+    import sys
+
+    target = resolve_address(address)[0]  # a bad --address is a user error before anything else
+    ray = sys.modules.get("ray")
+    if target != "local" or (ray is not None and ray.is_initialized()):
+        return None
+    return {"CPU": float(num_cpus if num_cpus is not None else _cpu_count()), "GPU": float(_gpu_count())}
+
+
+def _cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def _gpu_count() -> int:
+    """NVIDIA GPUs this process may use, as Ray would count them: CUDA_VISIBLE_DEVICES if set, else
+    the driver's /proc listing (no CUDA context, no nvidia-smi)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"])
+    try:
+        return len(os.listdir("/proc/driver/nvidia/gpus"))
+    except OSError:
+        return 0
 
 
 def importing_meanwhile(modules: tuple[str, ...], work) -> None:
@@ -90,26 +173,53 @@ def importing_meanwhile(modules: tuple[str, ...], work) -> None:
         raise failed[0]
 
 
-def _start_or_join(num_cpus: int | None) -> None:
+# Ray's periodic background work that a run's own one-node cluster does not use, turned down before
+# it starts (the processes it starts inherit the environment; a value already set is kept): the
+# autoscaler monitor's update (a fixed local cluster never scales), the dashboard agent's
+# per-process stats (psutil over every process every 5 s) and the core workers' metrics export.
+# On a 2-core machine they took ~20% of a run's CPU time besides the replicas (docs/benchmarks.md).
+QUIET_LOCAL_CLUSTER = {
+    "AUTOSCALER_UPDATE_INTERVAL_S": "60",
+    "REPORTER_UPDATE_INTERVAL_MS": "60000",
+    "RAY_enable_metrics_collection": "0",
+    "RAY_USAGE_STATS_ENABLED": "0",
+}
+
+
+def _start_or_join(address: str, num_cpus: int | None) -> None:
     import ray
 
     # Actors import ray_train and models from the installed package (pip install ., which make
     # does as an editable install) or from the job's working_dir under ``ray job submit``; a local
-    # cluster's workers run this Python with this environment.
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True)
+    # cluster's workers run this Python with this environment. Ray's loggers write where
+    # ray_train.raylog put them (configure_logging=False would drop every handler).
+    if address != "local":
+        try:
+            ray.init(address=address, log_to_driver=True)
+        except ConnectionError as exc:
+            auth = "" if os.environ.get("RAY_AUTH_MODE") else (
+                "; a cluster with token authentication (Ray's default) needs RAY_AUTH_MODE=token and its token "
+                "(~/.ray/auth_token, RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH)")
+            raise UserError(f"cluster: cannot join the Ray cluster at {address}: {str(exc).splitlines()[0]}{auth}"
+                            ) from None
         return
-    # "local": a cluster of its own, never the newest one `ray start` left on this machine
+    for name, value in QUIET_LOCAL_CLUSTER.items():
+        os.environ.setdefault(name, value)
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
 
 
-def check_resources(res, count: int | None = None, shards: int = 0, shard_cpus: float = 0.0) -> None:
+def check_resources(res, count: int | None = None, shards: int = 0, shard_cpus: float = 0.0,
+                    total: dict | None = None) -> None:
     """Fail fast, naming what is asked and what the cluster has, instead of hanging on placement;
-    ``shards`` parameter-server shards of ``shard_cpus`` each come on top of the replicas."""
-    import ray
+    ``shards`` parameter-server shards of ``shard_cpus`` each come on top of the replicas.
+    ``total``: the resources of the local cluster about to start (``local_resources``), checked
+    before Ray starts; else the running cluster's."""
+    where = "this machine has" if total is not None else "the cluster has"
+    if total is None:
+        import ray
 
+        total = ray.cluster_resources()
     count = res.replicas if count is None else count
-    total = ray.cluster_resources()
     extra = shards * shard_cpus
     asks = {"CPU": count * res.cpus_per_replica + extra, "GPU": count * res.gpus_per_replica}
     for kind, asked in asks.items():
@@ -118,8 +228,8 @@ def check_resources(res, count: int | None = None, shards: int = 0, shard_cpus: 
             per = res.cpus_per_replica if kind == "CPU" else res.gpus_per_replica
             plus = f" + {shards} shards x {shard_cpus:g} CPU" if kind == "CPU" and extra else ""
             raise ResourceError(
-                f"resources: {count} replicas x {per:g} {kind}{plus} = {asked:g} {kind} asked, but the cluster "
-                f"has {have:g} {kind} in all; lower --replicas or --{kind.lower()}s-per-replica"
+                f"resources: {count} replicas x {per:g} {kind}{plus} = {asked:g} {kind} asked, but {where} "
+                f"{have:g} {kind} in all; lower --replicas or --{kind.lower()}s-per-replica"
                 + (" or --ps-shards" if plus else "")
             )
 
@@ -221,6 +331,20 @@ def retried(method):
     """An idempotent actor call that Ray resubmits until a restarting actor is back (it still
     fails, with ActorDiedError, once the actor's restarts are used up)."""
     return method.options(max_task_retries=-1)
+
+
+def factory_failure(exc: BaseException):
+    """The ModelFactoryError (ray_train.worker.replica.build_network) that killed an actor in its
+    constructor, rebuilt from the death Ray reports (which carries the error as text only), or None."""
+    from ray.exceptions import RayActorError
+
+    from ray_train.errors import ModelFactoryError
+
+    if not isinstance(exc, RayActorError):
+        return None
+    mark = f"{ModelFactoryError.__name__}: "
+    lines = [ln.split(mark, 1)[1].strip() for ln in str(exc).splitlines() if mark in ln]
+    return ModelFactoryError(lines[-1]) if lines else None
 
 
 def free_port() -> int:

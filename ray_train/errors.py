@@ -28,6 +28,12 @@ class CheckpointError(UserError):
     """A checkpoint file that cannot be read; the message names the file."""
 
 
+class ModelFactoryError(UserError):
+    """The model factory built the network on the driver but failed inside a replica (a path,
+    a module, a device that only the driver has); the message names the replica and the
+    factory's own error."""
+
+
 class ReplicaFailure(RuntimeError):
     """Replicas (or parameter shards) died more often than run.max_failures allows."""
 

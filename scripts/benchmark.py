@@ -2,7 +2,11 @@
 
   (a) a plain single-process PyTorch loop, 1 thread (batch 64) and 2 threads (batch 128), and
       two 1-thread loops side by side (what two cores give two workers that never communicate),
-  (b) this project's sync SGD with 1 and with 2 replicas (batch 64 per replica),
+  (b) this project's sync SGD with 1 and with 2 replicas (batch 64 per replica), through its own
+      harness (a ReplicaGroup driven as the sync engine drives it) and through the CLI
+      (``python -m ray_train``, what a user runs: evaluation, checkpoints and TensorBoard each epoch,
+      samples/s from its summary.json; ``--ray-defaults`` adds the CLI cases with Ray's own
+      background settings on their local cluster),
   (c) Ray Train's TorchTrainer with 2 workers (DDP over gloo, batch 64 per worker),
 
 all on Nielsen's net B and MNIST-5k with plain SGD, 300 timed steps after a warm-up, in one run.
@@ -101,10 +105,11 @@ def case_ours(replicas: int, batch: int, steps: int, warmup: int) -> dict:
     data = _mnist5k()
     group = ReplicaGroup.create(cfg, ray.put(data), model_factory(cfg, data))
     try:
-        state = {"epoch": 0, "position": 0, "done": 0}
+        state = {"epoch": 0, "position": 0, "done": 0, "busy_ms": 0.0}
 
         def on_chunk(results) -> None:
             state["done"] += len(results[0]["step_ms"])
+            state["busy_ms"] += max(float(sum(r["step_ms"])) for r in results)
 
         def run(n: int) -> int:
             """At least n steps, as the sync engine runs them (ReplicaGroup.train_epoch: chunks of
@@ -119,13 +124,58 @@ def case_ours(replicas: int, batch: int, steps: int, warmup: int) -> dict:
             return state["done"] - start
 
         run(warmup)
+        state["busy_ms"] = 0.0
         t0 = time.perf_counter()
         steps = run(steps)
         elapsed = time.perf_counter() - t0
     finally:
         comm = group.comm
         group.shutdown()
-    return {"samples_per_s": steps * batch * replicas / elapsed, "timed_s": elapsed, "allreduce": comm}
+    return {"samples_per_s": steps * batch * replicas / elapsed, "timed_s": elapsed, "allreduce": comm,
+            "busy_share": state["busy_ms"] / 1000 / elapsed}
+
+
+TRAIN = 3500  # mnist5k's training split (less its validation)
+
+
+def case_cli(replicas: int, batch: int, steps: int, warmup: int) -> dict:
+    """What a user gets: ``python -m ray_train`` on the same job, in this process as a user runs
+    it (its own local cluster, evaluation and checkpoints each epoch, TensorBoard on), as many
+    epochs as cover warm-up + steps. samples/s is the run's own (summary.json: training time
+    only, evaluation excluded); it includes the first epoch's warm-up, as a user's run does."""
+    import tempfile
+
+    from ray_train.cli import main as cli
+
+    spe = TRAIN // replicas // batch
+    epochs = -(-(steps + warmup) // spe)
+    storage = tempfile.mkdtemp(prefix="cli-bench-")
+    argv = ["--model", MODEL, "--optimizer", "sgd", "--lr", str(LR), "--batch-size", str(batch), "--replicas",
+            str(replicas), "--epochs", str(epochs), "--no-progress", "--storage", storage, "--run-name", "bench"]
+    if cli(argv) != 0:
+        raise SystemExit("the CLI run failed")
+    with open(os.path.join(storage, "bench", "summary.json")) as fh:
+        summary = json.load(fh)
+    return {"samples_per_s": summary["samples_per_s"], "timed_s": summary["train_s"], "epochs": epochs,
+            "steps": summary["steps"], "allreduce": summary.get("allreduce"),
+            "busy_share": busy_seconds(os.path.join(storage, "bench"), replicas) / summary["train_s"]}
+
+
+def busy_seconds(run_dir: str, replicas: int) -> float:
+    """Seconds the slowest replica spent in its steps (each chunk's mean step time x its steps,
+    from the run's TensorBoard scalars): over the training time, the share not lost between
+    steps (driver round trips, epoch boundaries)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(run_dir, size_guidance={"scalars": 0})
+    acc.Reload()
+    per_rank = []
+    for r in range(replicas):
+        points = acc.Scalars(f"time/step_ms/replica_{r}")
+        steps = [p.step for p in points]
+        sizes = [b - a for a, b in zip([0] + steps[:-1], steps)]
+        per_rank.append([p.value * n / 1000 for p, n in zip(points, sizes)])
+    return sum(max(chunk) for chunk in zip(*per_rank))
 
 
 def _raytrain_loop(config: dict) -> None:
@@ -187,7 +237,7 @@ def case_raytrain(workers: int, batch: int, steps: int, warmup: int) -> dict:
         return json.load(fh)
 
 
-CASES = {"plain": case_plain, "ours": case_ours, "raytrain": case_raytrain}
+CASES = {"plain": case_plain, "ours": case_ours, "cli": case_cli, "raytrain": case_raytrain}
 
 
 # -- the driver ---------------------------------------------------------------------------------
@@ -196,12 +246,15 @@ def _command(name: str, width: int, batch: int, steps: int, warmup: int) -> list
             "--batch", str(batch), "--steps", str(steps), "--warmup", str(warmup)]
 
 
-def run_case(name: str, width: int, batch: int, steps: int, warmup: int, copies: int = 1) -> dict:
+def run_case(name: str, width: int, batch: int, steps: int, warmup: int, copies: int = 1, env: dict | None = None,
+             retries: int = 1) -> dict:
     """One case in a fresh interpreter (``copies`` of it side by side): its figures plus the
     whole run's wall time. With copies > 1 the samples/s add up and the wall is the longest."""
     t0 = time.perf_counter()
+    environ = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    environ.update(env or {})
     procs = [subprocess.Popen(_command(name, width, batch, steps, warmup), stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, cwd=ROOT, env={**os.environ, "RAY_ADDRESS": ""})
+                              stderr=subprocess.PIPE, text=True, cwd=ROOT, env=environ)
              for _ in range(copies)]
     outs = [p.communicate() for p in procs]
     wall = time.perf_counter() - t0
@@ -210,6 +263,10 @@ def run_case(name: str, width: int, batch: int, steps: int, warmup: int, copies:
         lines = [ln for ln in stdout.splitlines() if ln.startswith("{")]
         if proc.returncode != 0 or not lines:
             sys.stderr.write(stderr[-3000:])
+            if retries > 0:  # on a loaded machine Ray's node may miss its 30 s start-up deadline
+                print(f"[bench] case {name} (width {width}) failed with status {proc.returncode}; once more",
+                      file=sys.stderr, flush=True)
+                return run_case(name, width, batch, steps, warmup, copies, env, retries - 1)
             raise SystemExit(f"benchmark case {name} (width {width}) failed with status {proc.returncode}")
         figures.append(json.loads(lines[-1]))
     out = {**figures[0], "wall_s": wall}
@@ -227,36 +284,62 @@ PLAN = {
     "plain_2threads": ("plain", 2, 128, 1),
     "sync_1replica": ("ours", 1, 64, 1),
     "sync_2replicas": ("ours", 2, 64, 1),
+    # the same through the CLI, as a user runs it
+    "cli_sync_1replica": ("cli", 1, 64, 1),
+    "cli_sync_2replicas": ("cli", 2, 64, 1),
     "raytrain_2workers": ("raytrain", 2, 64, 1),
+}
+# Ray's own settings for the periodic background work the CLI's local cluster turns down
+# (ray_train.cluster.QUIET_LOCAL_CLUSTER): --ray-defaults runs the CLI cases with these too, to measure it
+RAY_DEFAULTS = {"AUTOSCALER_UPDATE_INTERVAL_S": "5", "REPORTER_UPDATE_INTERVAL_MS": "5000",
+                "RAY_enable_metrics_collection": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+
+
+RATIOS = {  # name: (numerator, denominator, of: samples/s or wall), each where both cases ran
+    "sync2_vs_2x_plain1": ("sync_2replicas", "2x plain_1thread", "samples_per_s"),
+    "sync2_vs_plain1_x2": ("sync_2replicas", "plain_1thread_x2", "samples_per_s"),
+    "plain1_x2_vs_2x_plain1": ("plain_1thread_x2", "2x plain_1thread", "samples_per_s"),
+    "sync2_vs_raytrain": ("sync_2replicas", "raytrain_2workers", "samples_per_s"),
+    "sync1_vs_plain1": ("sync_1replica", "plain_1thread", "samples_per_s"),
+    "cli_sync2_vs_plain1_x2": ("cli_sync_2replicas", "plain_1thread_x2", "samples_per_s"),
+    "cli_sync1_vs_plain1": ("cli_sync_1replica", "plain_1thread", "samples_per_s"),
+    "cli_sync2_vs_harness_sync2": ("cli_sync_2replicas", "sync_2replicas", "samples_per_s"),
+    "cli_sync2_ray_defaults_vs_plain1_x2": ("cli_sync_2replicas_ray_defaults", "plain_1thread_x2", "samples_per_s"),
+    "cli_sync2_vs_cli_sync2_ray_defaults": ("cli_sync_2replicas", "cli_sync_2replicas_ray_defaults", "samples_per_s"),
+    "sync2_wall_vs_raytrain_wall": ("sync_2replicas", "raytrain_2workers", "wall_s"),
 }
 
 
 def core_ratios(r: dict, wall: dict) -> dict:
-    """The issue's targets as ratios of samples/s (r) and whole-run wall seconds (wall)."""
-    return {
-        "sync2_vs_2x_plain1": r["sync_2replicas"] / (2 * r["plain_1thread"]),
-        "sync2_vs_plain1_x2": r["sync_2replicas"] / r["plain_1thread_x2"],
-        "plain1_x2_vs_2x_plain1": r["plain_1thread_x2"] / (2 * r["plain_1thread"]),
-        "sync2_vs_raytrain": r["sync_2replicas"] / r["raytrain_2workers"],
-        "sync1_vs_plain1": r["sync_1replica"] / r["plain_1thread"],
-        "sync2_wall_vs_raytrain_wall": wall["sync_2replicas"] / wall["raytrain_2workers"],
-    }
+    """The issue's targets as ratios of samples/s (r) and whole-run wall seconds (wall), for the
+    cases that ran."""
+    out = {}
+    for name, (top, bottom, of) in RATIOS.items():
+        figures = r if of == "samples_per_s" else wall
+        times, bottom = (2, bottom[3:]) if bottom.startswith("2x ") else (1, bottom)
+        if top in figures and bottom in figures:
+            out[name] = figures[top] / (times * figures[bottom])
+    return out
 
 
-def core(steps: int, warmup: int, repeat: int) -> dict:
+def core(steps: int, warmup: int, repeat: int, cases: list[str] | None = None, ray_defaults: bool = False) -> dict:
     """Every case once per round, ``repeat`` rounds; the figures are each case's median, and the
     ratios are also given per round (cases of one round ran minutes apart at most)."""
+    plan = {k: v for k, v in PLAN.items() if cases is None or k in cases}
+    if ray_defaults:  # the CLI cases again, their local cluster with Ray's own background settings
+        plan.update({f"{k}_ray_defaults": v for k, v in plan.items() if v[0] == "cli"})
     rounds: list[dict] = []
     for k in range(repeat):
         results = {}
-        for label, (case, width, batch, copies) in PLAN.items():
+        for label, (case, width, batch, copies) in plan.items():
             print(f"[bench] round {k + 1}/{repeat} {label} ...", file=sys.stderr, flush=True)
-            results[label] = run_case(case, width, batch, steps, warmup, copies)
+            env = RAY_DEFAULTS if label.endswith("_ray_defaults") else {}
+            results[label] = run_case(case, width, batch, steps, warmup, copies, env)
             print(f"[bench] round {k + 1}/{repeat} {label}: {results[label]['samples_per_s']:,.0f} samples/s, "
                   f"{results[label]['wall_s']:.1f} s wall", file=sys.stderr, flush=True)
         rounds.append(results)
     median = {label: {key: statistics.median(r[label][key] for r in rounds) for key in ("samples_per_s", "wall_s")}
-              for label in PLAN}
+              for label in plan}
     per_round = [core_ratios({k: v["samples_per_s"] for k, v in r.items()}, {k: v["wall_s"] for k, v in r.items()})
                  for r in rounds]
     ratios = core_ratios({k: v["samples_per_s"] for k, v in median.items()}, {k: v["wall_s"] for k, v in median.items()})
@@ -330,6 +413,11 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=3, help="rounds of the core cases; medians reported (default 3)")
     p.add_argument("--only", nargs="+", default=["core", "async", "ensemble", "regimes"],
                    choices=["core", "async", "ensemble", "regimes"], help="sections to run (default all)")
+    p.add_argument("--cases", nargs="+", choices=list(PLAN), default=None,
+                   help="core cases to run (default all; ratios only where both sides ran)")
+    p.add_argument("--ray-defaults", action="store_true",
+                   help="run the CLI cases a second time with Ray's own background settings on their local cluster "
+                   "(ray_train.cluster.QUIET_LOCAL_CLUSTER turns them down)")
     p.add_argument("--out", default="bench", help="folder for benchmark.json and benchmark.png")
     p.add_argument("--docs", default=os.path.join(ROOT, "docs", "bench-latest.md"),
                    help="the markdown table of this run (default docs/bench-latest.md; '' for none)")
@@ -344,7 +432,7 @@ def main() -> None:
               f"{platform.system()}", "command": "python " + " ".join(sys.argv), "steps": args.steps,
               "warmup": args.warmup, "repeat": args.repeat, "model": MODEL}
     if "core" in args.only:
-        report["core"] = core(args.steps, args.warmup, args.repeat)
+        report["core"] = core(args.steps, args.warmup, args.repeat, args.cases, args.ray_defaults)
     report.update(extras([n for n in ("async", "ensemble", "regimes") if n in args.only], args.steps, args.warmup))
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "benchmark.json"), "w") as fh:

@@ -85,3 +85,7 @@ def test_compare_writes_table_plot_and_a_tensorboard_run_per_regime(ray_cluster,
         tags = logged_steps(os.path.join(out_dir, strategy))
         assert "val/accuracy" in tags and "train/loss" in tags, tags
     assert "compare [3/3] local: done" in out.getvalue()
+    # which cluster once, no TensorBoard hint per regime (main prints one for all), each regime its own line
+    text = out.getvalue()
+    assert text.count("cluster: ") == 1 and "watch it" not in text
+    assert text.count("sync SGD: 1 replica ") == 1 and "model averaging (local SGD): 1 replica " in text

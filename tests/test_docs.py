@@ -69,20 +69,28 @@ def _shape(line: str) -> str:
     return " ".join(re.sub(r"\d[\d,.]*", "#", line).split())
 
 
-def test_the_readme_sample_output_is_what_a_run_prints(ray_cluster, tmp_path, monkeypatch, capsys):
-    """The quick start's lines come from a real run: a 1-epoch run of the same job prints lines of
-    exactly their shapes (numbers aside)."""
-    from ray_train.cli import main
+def test_the_readme_sample_output_is_what_a_run_prints(tmp_path):
+    """The quick start's lines come from a real run: a 1-epoch run of the same job, as `make train`
+    runs it (its own process, RAY_ADDRESS unset: a local cluster of its own), prints lines of
+    exactly their shapes (numbers aside), and nothing else of Ray's."""
+    import subprocess
+    import sys
 
     text = _read("README.md")
     block = text[text.index("<!-- sample:begin -->") + 21:text.index("<!-- sample:end -->")]
     sample = [line.strip() for line in block.strip().splitlines() if line.strip() != "..."]
-    monkeypatch.chdir(tmp_path)  # storage "runs", as make train
-    assert main(["--config", os.path.join(ROOT, "configs", "default.yaml"), "--epochs", "1", "--no-progress"]) == 0
-    printed = {_shape(line) for line in capsys.readouterr().out.splitlines()}
-    assert len(sample) == 7
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    done = subprocess.run([sys.executable, "-m", "ray_train", "--config", os.path.join(ROOT, "configs", "default.yaml"),
+                           "--epochs", "1", "--no-progress"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=600)  # storage "runs", as make train
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stderr == ""
+    printed = [_shape(line) for line in done.stdout.splitlines()]
+    assert len(sample) == 8
     for line in sample:
         assert _shape(line) in printed, line
+    assert printed[0] == _shape(sample[0])  # which cluster, first
 
 
 def test_the_own_model_and_data_example_runs(ray_cluster, tmp_path, monkeypatch, capsys):

@@ -73,7 +73,7 @@ def test_a_trial_reserves_an_empty_head_and_a_bundle_per_replica():
     assert trial_bundles(cfg)[-2:] == [{"CPU": 0.25}, {"CPU": 0.25}]
 
 
-def test_two_trials_at_once_and_best_yaml_reruns_the_best_trial_exactly(ray_cluster, tmp_path):
+def test_two_trials_at_once_and_best_yaml_reruns_the_best_trial_exactly(ray_cluster, tmp_path, capfd):
     from ray_train.api import fit
     from ray_train.config import load_yaml
     from ray_train.metrics.tensorboard import logged_steps
@@ -83,8 +83,14 @@ def test_two_trials_at_once_and_best_yaml_reruns_the_best_trial_exactly(ray_clus
               "model": {"name": "mlp30"}, "optim": {"optimizer": "sgd"}, "resources": {"replicas": 1}}
     params = parse_space(["optim.lr=loguniform(0.01,0.3)"])
     out = io.StringIO()
+    capfd.readouterr()
     result = run_search(values, {}, params, 2, concurrent=2, out=out)
+    terminal = capfd.readouterr()  # what reached the process's own stdout and stderr: no Tune banner, no Ray line
     print(out.getvalue())
+    assert (terminal.out + terminal.err).strip() == "", terminal
+    assert out.getvalue().startswith("cluster: ") and all(ln.startswith("search: ")
+                                                          for ln in out.getvalue().splitlines()[1:]), out.getvalue()
+    assert os.path.exists(os.path.join(result["dir"], "ray.log"))
     rows = result["rows"]
     assert len(rows) == 2 and all(r["status"] == "done" for r in rows), rows
     assert rows[0]["best_accuracy"] >= rows[1]["best_accuracy"]

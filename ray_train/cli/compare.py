@@ -17,7 +17,8 @@ import time
 
 from ray_train import strategies
 from ray_train.cli import exit_status, fail
-from ray_train.cli.flags import OWN_FLAGS, Parser, add_output_flags, add_training_flags, job_values, stamp
+from ray_train.cli.flags import (OWN_FLAGS, Parser, add_cluster_flags, add_output_flags, add_training_flags, job_values,
+                                 stamp)
 from ray_train.config import build_config
 from ray_train.errors import Interrupted, UserError
 from ray_train.run.files import write_json
@@ -41,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "unlike in training it does not stop the runs")
     add_training_flags(p, skip=SKIP)
     add_output_flags(p)
+    add_cluster_flags(p)
     return p
 
 
@@ -199,17 +201,26 @@ def write_outputs(out_dir: str, rows: list[dict], target_arg: float | None) -> t
 
 # -- the command --------------------------------------------------------------------------------------
 def run_compare(values: dict, overrides: dict, regimes: list[str], target: float | None,
-                out=None, tensorboard: bool = True, progress: bool | None = False) -> tuple[str, list]:
+                out=None, tensorboard: bool = True, progress: bool | None = False, address: str | None = None,
+                verbose: bool = False) -> tuple[str, list]:
     """Each regime via ray_train.fit on one Ray cluster; returns (the compare folder, the rows)."""
     storage = build_config(values, overrides).run.storage  # the job's own mistakes come before Ray and torch
+    from ray_train import raylog
     from ray_train.api import fit
-    from ray_train.cluster import init_ray
+    from ray_train.cluster import init_ray, local_resources
     from ray_train.errors import Diverged
 
+    local = local_resources(address)
+    if local is not None:  # a regime the local cluster cannot hold fails before it starts
+        for strategy in regimes:
+            over = {k: dict(v) for k, v in overrides.items()}
+            over.setdefault("run", {}).update(strategy=strategy)
+            strategies.get(strategy).check_resources(build_config(values, over), total=local)
     out = out or sys.stdout
     out_dir = os.path.join(storage, f"compare-{stamp()}")
     os.makedirs(out_dir, exist_ok=True)
-    init_ray()
+    print(init_ray(address=address, verbose=verbose), file=out, flush=True)
+    raylog.LOG.to_file(os.path.join(out_dir, "ray.log"))
     rows: list[dict] = []
     for i, strategy in enumerate(regimes):
         over = {k: dict(v) for k, v in overrides.items()}
@@ -218,7 +229,8 @@ def run_compare(values: dict, overrides: dict, regimes: list[str], target: float
         print(f"compare [{i + 1}/{len(regimes)}] {strategy}: starting, logs in {run_dir}", file=out, flush=True)
         t0 = time.perf_counter()
         try:
-            summary = fit(build_config(values, over), out=out, progress=progress, tensorboard=tensorboard)
+            summary = fit(build_config(values, over), out=out, progress=progress, tensorboard=tensorboard,
+                          headers=False)
             rows.append(regime_row(strategy, summary, run_dir))
             r = rows[-1]
             print(f"compare [{i + 1}/{len(regimes)}] {strategy}: done in {time.perf_counter() - t0:.1f} s, best "
@@ -248,7 +260,8 @@ def main(argv: list[str]) -> int:
         t0 = time.perf_counter()
         # progress bars only when asked: the regimes' lines interleave with them otherwise
         out_dir, rows = run_compare(values, overrides, regimes, args.target_accuracy,
-                                    tensorboard=not args.no_tensorboard, progress=bool(args.progress))
+                                    tensorboard=not args.no_tensorboard, progress=bool(args.progress),
+                                    address=args.address, verbose=args.verbose)
         with open(os.path.join(out_dir, "table.md"), encoding="utf-8") as fh:
             print("\n" + fh.read(), flush=True)
         print(f"compare: {len(rows)} regimes in {time.perf_counter() - t0:.0f} s; table in {out_dir}/table.md and "

@@ -128,6 +128,16 @@ def add_output_flags(parser: argparse.ArgumentParser) -> None:
                      help="no progress bars (by default they show only on a terminal)")
 
 
+def add_cluster_flags(parser: argparse.ArgumentParser) -> None:
+    """Which Ray cluster, and whether Ray's own output shows: the same for train, compare and search."""
+    from ray_train.cluster import ADDRESS_HELP
+
+    parser.add_argument("--address", default=None, metavar="local|auto|HOST:PORT", help=ADDRESS_HELP)
+    parser.add_argument("--verbose", action="store_true",
+                        help="show Ray's own output (its warnings, its workers' and raylet's messages) on the terminal "
+                        "too; it always goes to the run folder's ray.log")
+
+
 def overrides_of(args, skip: tuple[str, ...] = ()) -> dict[str, dict]:
     """The config fields the parsed flags set, as {section: {field: value}}."""
     overrides: dict[str, dict] = {}

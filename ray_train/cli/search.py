@@ -25,7 +25,8 @@ from dataclasses import dataclass
 
 from ray_train import strategies
 from ray_train.cli import exit_status, fail
-from ray_train.cli.flags import OWN_FLAGS, Parser, add_output_flags, add_training_flags, job_values, stamp
+from ray_train.cli.flags import (OWN_FLAGS, Parser, add_cluster_flags, add_output_flags, add_training_flags, job_values,
+                                 stamp)
 from ray_train.config import SECTIONS, build_config
 from ray_train.errors import ConfigError, UserError
 from ray_train.run.files import write_json
@@ -267,18 +268,23 @@ def _fmt(v) -> str:
 
 def run_search(values: dict, overrides: dict, params: list[Param], trials: int, *, grid: bool = False,
                scheduler: str = "none", concurrent: int | None = None, seed: int | None = None, out=None,
-               tensorboard: bool = True) -> dict:
+               tensorboard: bool = True, address: str | None = None, verbose: bool = False) -> dict:
     """Run the search; returns {dir, rows, best, best_yaml}."""
     from ray import tune
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    from ray_train.cluster import init_ray
+    from ray_train import raylog
+    from ray_train.cluster import init_ray, local_resources
 
     out = out or sys.stdout
     base = build_config(values, overrides)
+    local = local_resources(address)
+    if local is not None:  # one trial the local cluster cannot hold fails before it starts
+        strategies.get(base.run.strategy).check_resources(base, total=local)
     search_dir = os.path.abspath(os.path.join(base.run.storage, f"search-{stamp()}"))
     os.makedirs(search_dir, exist_ok=True)
-    init_ray()
+    print(init_ray(address=address, verbose=verbose), file=out, flush=True)
+    raylog.LOG.to_file(os.path.join(search_dir, "ray.log"))  # Tune's messages among Ray's
     space = tune_space(params, trials, grid)
     n = math.prod(len(v["grid_search"]) for v in space.values()) if grid else trials
     seed = base.run.seed if seed is None else seed
@@ -425,6 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="at most K trials at once (default: as many as the cluster's resources allow)")
     add_training_flags(p, skip=OWN_FLAGS)
     add_output_flags(p)  # a trial writes its lines to logs/<trial>.log, where no progress bar shows
+    add_cluster_flags(p)
     return p
 
 
@@ -440,7 +447,8 @@ def main(argv: list[str]) -> int:
         check_space(params, values, overrides)
         t0 = time.perf_counter()
         result = run_search(values, overrides, params, args.trials, grid=args.grid, scheduler=args.scheduler,
-                            concurrent=args.concurrent, tensorboard=not args.no_tensorboard)
+                            concurrent=args.concurrent, tensorboard=not args.no_tensorboard, address=args.address,
+                            verbose=args.verbose)
         with open(os.path.join(result["dir"], "results.md"), encoding="utf-8") as fh:
             print("\n" + fh.read(), flush=True)
         print(f"search: {len(result['rows'])} trials in {time.perf_counter() - t0:.0f} s; results in {result['dir']}/"

@@ -9,7 +9,7 @@ import argparse
 
 from ray_train import strategies
 from ray_train.cli import exit_status
-from ray_train.cli.flags import Parser, add_output_flags, add_training_flags, job_values
+from ray_train.cli.flags import Parser, add_cluster_flags, add_output_flags, add_training_flags, job_values
 from ray_train.config import build_config
 from ray_train.errors import UserError
 
@@ -17,12 +17,16 @@ from ray_train.errors import UserError
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="python -m ray_train", description=(
         "Train a PyTorch model on Ray actors with one of these strategies: "
-        + "; ".join(f"{s.name}: {s.summary}" for s in strategies.all_strategies()) + ". Joins the cluster named by RAY_ADDRESS, else starts a local one. Streams metrics to TensorBoard under <storage>/<run-name>/ and writes summary.json."),
+        + "; ".join(f"{s.name}: {s.summary}" for s in strategies.all_strategies()) + ". Runs on the cluster --address "
+        "names, else the one RAY_ADDRESS names, else starts a local one of its own; the first line says which. Streams "
+        "metrics to TensorBoard under <storage>/<run-name>/ and writes summary.json; Ray's own output goes to "
+        "<storage>/<run-name>/ray.log."),
         epilog="Example: python -m ray_train --model net_c --replicas 2 --epochs 5 --lr 0.1. Subcommands: "
         "python -m ray_train compare (every regime on one job, side by side), python -m ray_train search "
         "(random search on Ray Tune) and python -m ray_train predict (use a finished run); each takes --help.")
     add_training_flags(p)
     add_output_flags(p)
+    add_cluster_flags(p)
     p.add_argument("--overfit-check", action="store_true",
                    help="instead of training: fit ~100 training examples without regularisation on one replica and "
                    "report whether the training error goes to ~0 (exit 0 if it does, 4 if not)")
@@ -63,10 +67,12 @@ def main(argv: list[str]) -> int:
         if args.overfit_check:
             from ray_train.api import overfit_check
 
-            return 0 if overfit_check(cfg, progress=args.progress)["passed"] else 4
+            return 0 if overfit_check(cfg, progress=args.progress, address=args.address,
+                                      verbose=args.verbose)["passed"] else 4
         from ray_train.api import fit
 
-        fit(cfg, tensorboard=not args.no_tensorboard, progress=args.progress)
+        fit(cfg, tensorboard=not args.no_tensorboard, progress=args.progress, address=args.address,
+            verbose=args.verbose)
         return 0
 
     return exit_status(train)

@@ -84,11 +84,12 @@ class Strategy:
         """The resource bundles one run holds at once (a Tune trial's placement group: search.py)."""
         return [self.replica_bundle(cfg) for _ in range(cfg.resources.replicas)]
 
-    def check_resources(self, cfg) -> None:
-        """Fail fast, before any actor starts, when the cluster cannot hold the run."""
+    def check_resources(self, cfg, total: dict | None = None) -> None:
+        """Fail fast, before any actor starts, when the cluster cannot hold the run; ``total``:
+        the local cluster's resources before it starts (cluster.local_resources)."""
         from ray_train.cluster import check_resources
 
-        check_resources(cfg.resources)
+        check_resources(cfg.resources, total=total)
 
     # -- running -----------------------------------------------------------------------------
     def engine_class(self):

@@ -12,6 +12,7 @@ import torch
 from ray_train.cluster import ReplicaContext, free_port, node_address, tune_malloc
 from ray_train.config import TrainConfig, slow_replica
 from ray_train.data.dataset import Dataset
+from ray_train.errors import ModelFactoryError
 from ray_train.worker import losses
 from ray_train.worker.batches import eval_shard, shard_batches
 from ray_train.worker.comm import BUCKET_BYTES, DistAllreduce, GradBuckets, SharedMemoryAllreduce, allreduce_bytes, flatten_grads
@@ -50,6 +51,19 @@ def straggle(factor: float, t0: float, device: torch.device | None = None) -> fl
     return elapsed * 1e3
 
 
+def build_network(model, ctx: ReplicaContext, cfg: TrainConfig):
+    """The replica's own network from the factory (which built on the driver: network.check_model).
+    A factory that fails only here is one ModelFactoryError naming the replica and the factory's
+    error; the driver reads it back from the actor's death (cluster.factory_failure)."""
+    try:
+        return model()
+    except Exception as exc:
+        text = str(exc).strip().splitlines()
+        raise ModelFactoryError(f"replica {ctx.rank}: the model factory ({cfg.model.name}) failed in the replica, "
+                                f"though it built on the driver: {type(exc).__name__}: {text[0] if text else ''}"
+                                ) from None
+
+
 class Replica:
     """``model`` is a zero-argument callable that builds the network (ray_train.api.model_factory):
     a registry network, a user's ``module:function`` or a user's own callable."""
@@ -65,7 +79,7 @@ class Replica:
         torch.set_num_threads(max(1, int(ctx.num_cpus)))
         self.device = pick_device(ctx)
         torch.manual_seed(ctx.seed)  # identical initial parameters on every replica of a group
-        self.model = model().to(self.device)
+        self.model = build_network(model, ctx, cfg).to(self.device)
         self._objective = None
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.grad = flatten_grads(self.params)

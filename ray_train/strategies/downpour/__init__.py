@@ -34,6 +34,11 @@ class Downpour(Strategy):
             raise ConfigError("optim.max_norm: the parameter server applies async updates; max-norm is for sync "
                               "and ensemble")
 
+    def check_resources(self, cfg, total: dict | None = None) -> None:
+        from ray_train.cluster import check_resources
+
+        check_resources(cfg.resources, shards=cfg.async_.ps_shards, shard_cpus=cfg.async_.ps_cpus, total=total)
+
     def epoch_shards(self, cfg) -> int:
         return 1  # every replica draws its own batches from the whole training set
 

@@ -31,8 +31,15 @@ class Ensemble(Strategy):
     def bundles(self, cfg) -> list[dict]:
         return [self.replica_bundle(cfg) for _ in range(cfg.ensemble.replicas_per_member)]
 
-    def check_resources(self, cfg) -> None:
-        pass  # the runner checks one member's group against the cluster (members queue for slots)
+    def check_resources(self, cfg, total: dict | None = None) -> None:
+        # the runner checks one member's group against the cluster (members queue for slots);
+        # before a local cluster starts, the same check against what it will hold
+        if total is not None:
+            import dataclasses
+
+            from ray_train.cluster import check_resources
+
+            check_resources(dataclasses.replace(cfg.resources, replicas=cfg.ensemble.replicas_per_member), total=total)
 
 
 STRATEGY = Ensemble()

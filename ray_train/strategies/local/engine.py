@@ -139,14 +139,18 @@ class LocalEngine(SyncEngine):
         owns = (state or {}).get("local") or []
         if len(owns) == len(self.group.actors):
             self.group.get([a.load_local_state.remote(own) for a, own in zip(self.group.actors, owns)])
-        local = self.ctx.cfg.local
+
+    def describe(self) -> str:
+        n, local = self.ctx.cfg.resources.replicas, self.ctx.cfg.local
         mix = {"average": "averaged",
                "sgd": f"outer SGD step (DiLoCo, outer lr {local.outer_lr:g})",
                "nesterov": f"outer Nesterov step (DiLoCo, outer lr {local.outer_lr:g}, "
                            f"momentum {local.outer_momentum:g})"}[local.outer_optimizer]
         if local.elastic_alpha is not None:
             mix = f"elastic pull toward a centre (EASGD, alpha {local.elastic_alpha:g})"
-        self.ctx.sink.say(f"model averaging (local SGD): every {local.average_every} steps, {mix}")
+        return (f"model averaging (local SGD): {n} replica{'s' if n != 1 else ''} on "
+                f"{sorted({i['device'] for i in self.group.info})}, every {local.average_every} steps: {mix} "
+                f"(through {self.group.comm})")
 
     def state(self) -> dict:
         return {**super().state(), "local": self.group.get([a.local_state.remote() for a in self.group.actors])}

@@ -18,7 +18,7 @@ from ray_train.config import TrainConfig
 from ray_train.worker import losses
 from ray_train.worker.comm import flatten_grads, flatten_params
 from ray_train.worker.device import Inputs, Precision, clock, to_host
-from ray_train.worker.replica import pick_device, slow_factor, straggle
+from ray_train.worker.replica import build_network, pick_device, slow_factor, straggle
 
 RESULT_EXTRA_BYTES = 16  # a unit's loss (float64) and correct count besides its gradient
 DESCRIPTOR_BYTES = 32  # a unit's (version, batch key, lo, hi)
@@ -42,7 +42,7 @@ class SandblasterWorker:
         torch.set_num_threads(max(1, int(ctx.num_cpus)))
         self.device = pick_device(ctx)
         torch.manual_seed(ctx.seed)
-        self.model = model().to(self.device).eval()
+        self.model = build_network(model, ctx, cfg).to(self.device).eval()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.flat = flatten_params(self.params)  # loaded in place from the coordinator's vector
         self.grad = flatten_grads(self.params)

@@ -28,9 +28,13 @@ class SyncEngine(Engine):
             except RayTaskError as exc:
                 self.group.shutdown()
                 raise StateMismatch(" ".join(str(exc.cause or exc).split())[:240]) from None
+        ctx.sink.say(self.describe())
+
+    def describe(self) -> str:
+        """The run's line saying how it trains (each engine built on this one says its own)."""
         devices = sorted({i["device"] for i in self.group.info})
-        ctx.sink.say(f"sync SGD: {ctx.cfg.resources.replicas} replica(s) on {devices}, "
-                     f"gradient averaging: {self.group.comm}")
+        n = self.ctx.cfg.resources.replicas
+        return f"sync SGD: {n} replica{'s' if n != 1 else ''} on {devices}, gradient averaging: {self.group.comm}"
 
     def train_epoch(self, epoch, lr, start, on_chunk, should_stop) -> bool:
         return self.group.train_epoch(epoch, lr, start, self.ctx.cfg.run.log_every,

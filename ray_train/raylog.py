@@ -1,0 +1,136 @@
+"""Ray's own output, kept off the terminal: the driver's "ray" loggers (the token-authentication
+notice, "Started a local Ray instance", Tune's messages), the workers' stdout and stderr that Ray
+forwards to the driver, and the raylet's messages ("A worker died or was killed ...", its
+internals on node events) go to the run folder's ray.log. The terminal gets the project's own lines
+only: one per event, in its words (a replica's death is the run loop's "replica 1 (pid ...) died
+...; restarting ..."). ``--verbose`` shows Ray's output on the terminal as well, as Ray prints it.
+
+Until a run names its file (``to_file``), the lines wait in a bounded buffer; they are written
+there first. What Ray forwards goes through its one dispatcher of worker output and its one
+printer of raylet messages (ray._private.worker): both are replaced here, after ray.init, in this
+driver process only."""
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import sys
+import threading
+
+BUFFERED_LINES = 2000
+FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class RayLog:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.buffer: collections.deque[str] = collections.deque(maxlen=BUFFERED_LINES)
+        self.path: str | None = None
+        self.verbose = False
+
+    def write(self, text: str) -> None:
+        if not text.endswith("\n"):
+            text += "\n"
+        with self.lock:
+            if self.path is None:
+                self.buffer.append(text)
+                return
+            with open(self.path, "a", encoding="utf-8", errors="replace") as fh:
+                fh.write(text)
+
+    def to_file(self, path: str | None) -> None:
+        """Write Ray's output to ``path`` from now on (the lines buffered so far first); None:
+        buffer again (the run is over; the next one names its own file)."""
+        with self.lock:
+            self.path = path
+            if path is None or not self.buffer:
+                return
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            with open(path, "a", encoding="utf-8", errors="replace") as fh:
+                fh.writelines(self.buffer)
+            self.buffer.clear()
+
+
+LOG = RayLog()
+
+
+class _Handler(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            LOG.write(self.format(record))
+        except Exception:  # a log line must never end a run
+            self.handleError(record)
+
+
+class _Terminal(logging.Handler):
+    """--verbose: Ray's warnings on stderr as well (the stderr of the moment, as print would)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            sys.stderr.write(self.format(record) + "\n")
+        except Exception:
+            self.handleError(record)
+
+
+def capture_loggers(verbose: bool = False) -> None:
+    """The driver's "ray" loggers write to the log; with ``verbose`` also to stderr (warnings and
+    above). Called before ray.init, and again by each run (its own --verbose)."""
+    LOG.verbose = verbose
+    ray_logger = logging.getLogger("ray")
+    for h in list(ray_logger.handlers):
+        if not isinstance(h, (_Handler, _Terminal, logging.FileHandler)):
+            ray_logger.removeHandler(h)  # Ray's own, to the terminal
+    if not any(isinstance(h, _Handler) for h in ray_logger.handlers):
+        handler = _Handler()
+        handler.setFormatter(logging.Formatter(FORMAT))
+        ray_logger.addHandler(handler)
+    terminal = [h for h in ray_logger.handlers if isinstance(h, _Terminal)]
+    if verbose and not terminal:
+        loud = _Terminal(logging.WARNING)
+        loud.setFormatter(logging.Formatter(FORMAT))
+        ray_logger.addHandler(loud)
+    for h in terminal if not verbose else []:
+        ray_logger.removeHandler(h)
+    ray_logger.propagate = False
+
+
+def _forwarded(data: dict) -> None:
+    """One batch of a worker's (or the raylet's) lines, as Ray's dispatcher hands it over; of the
+    autoscaler's, its events only (its status table every few seconds is what Ray leaves out too)."""
+    from ray._private.worker import filter_autoscaler_events
+
+    lines = data.get("lines") or []
+    if data.get("pid") == "autoscaler":
+        lines = list(filter_autoscaler_events(lines))
+    who = data.get("actor_name") or data.get("task_name") or ""
+    tag = f"({who + ' ' if who else ''}pid={data.get('pid')}{', ip=' + data['ip'] if data.get('ip') else ''})"
+    for line in lines:
+        LOG.write(f"{tag} {line}")
+
+
+def capture_forwarded() -> None:
+    """After ray.init: the workers' forwarded stdout/stderr and the raylet's messages go to the
+    log (and, with verbose, to the terminal as well, as Ray prints them)."""
+    from ray._private import worker
+
+    if getattr(worker.print_to_stdstream, "ray_train", False):
+        return
+    print_to_stdstream = worker.print_to_stdstream
+
+    def to_log(data, ignore_prefix: bool = False) -> None:
+        _forwarded(data)
+        if LOG.verbose:
+            print_to_stdstream(data, ignore_prefix)
+
+    to_log.ray_train = True
+    dispatcher = worker.global_worker_stdstream_dispatcher
+    dispatcher.remove_handler("ray_print_logs")
+    dispatcher.add_handler("ray_print_logs", to_log)
+    # listen_error_messages (the raylet's "A worker died ..." and the like) calls this by name
+    worker.print_to_stdstream = to_log
+
+
+def note(line: str) -> None:
+    """A line of the project's own for the log (which cluster, which run), so the file reads on its own."""
+    LOG.write(f"ray_train: {line}")
+
