@@ -103,12 +103,14 @@ def _start_or_join(num_cpus: int | None) -> None:
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
 
 
-def check_resources(res, count: int | None = None, shards: int = 0, shard_cpus: float = 0.0) -> None:
+def check_resources(res, count: int | None = None, shards: int = 0, shard_cpus: float = 0.0,
+                    stages: int = 1) -> None:
     """Fail fast, naming what is asked and what the cluster has, instead of hanging on placement;
-    ``shards`` parameter-server shards of ``shard_cpus`` each come on top of the replicas."""
+    ``shards`` parameter-server shards of ``shard_cpus`` each come on top of the replicas, and a
+    replica of ``stages`` stage actors asks for ``stages`` times a replica's resources."""
     import ray
 
-    count = res.replicas if count is None else count
+    count = (res.replicas if count is None else count) * stages
     total = ray.cluster_resources()
     extra = shards * shard_cpus
     asks = {"CPU": count * res.cpus_per_replica + extra, "GPU": count * res.gpus_per_replica}
@@ -117,9 +119,11 @@ def check_resources(res, count: int | None = None, shards: int = 0, shard_cpus: 
         if asked > have + 1e-9:
             per = res.cpus_per_replica if kind == "CPU" else res.gpus_per_replica
             plus = f" + {shards} shards x {shard_cpus:g} CPU" if kind == "CPU" and extra else ""
+            who = f"{count // stages} replicas x {stages} stages" if stages > 1 else f"{count} replicas"
             raise ResourceError(
-                f"resources: {count} replicas x {per:g} {kind}{plus} = {asked:g} {kind} asked, but the cluster "
-                f"has {have:g} {kind} in all; lower --replicas or --{kind.lower()}s-per-replica"
+                f"resources: {who} x {per:g} {kind}{plus} = {asked:g} {kind} asked, but the cluster "
+                f"has {have:g} {kind} in all; lower --replicas"
+                + (", --stages" if stages > 1 else "") + f" or --{kind.lower()}s-per-replica"
                 + (" or --ps-shards" if plus else "")
             )
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from ray_train.engine import Chunk, Engine, StateMismatch
 from ray_train.worker.evaluation import EvalResult
 from ray_train.worker.group import ReplicaGroup
+from ray_train.worker.pipeline_group import PipelineGroup
 from ray_train.worker.replica import Replica
 
 
@@ -21,15 +22,25 @@ class SyncEngine(Engine):
         from ray.exceptions import RayTaskError
 
         ctx = self.ctx
-        self.group = ReplicaGroup.create(ctx.cfg, ctx.data_ref, ctx.model, self.replica_cls)
+        stages = ctx.cfg.pipeline.stages
+        if stages > 1:  # each replica a pipeline of stage actors (docs/pipeline.md)
+            self.group = PipelineGroup.create(ctx.cfg, ctx.data_ref, ctx.model)
+        else:
+            self.group = ReplicaGroup.create(ctx.cfg, ctx.data_ref, ctx.model, self.replica_cls)
         if state is not None:
+            if (state.get("stages") or 1) != stages:
+                self.group.shutdown()
+                raise StateMismatch(f"it holds {state.get('stages') or 1} stage(s) per replica, this run has "
+                                    f"--stages {stages}")
             try:
                 self.group.load_state(state)
             except RayTaskError as exc:
                 self.group.shutdown()
                 raise StateMismatch(" ".join(str(exc.cause or exc).split())[:240]) from None
         devices = sorted({i["device"] for i in self.group.info})
-        ctx.sink.say(f"sync SGD: {ctx.cfg.resources.replicas} replica(s) on {devices}, "
+        pipeline = (f", {stages} stages x {ctx.cfg.pipeline.micro_batches} micro-batches "
+                    f"({ctx.cfg.pipeline.schedule})" if stages > 1 else "")
+        ctx.sink.say(f"sync SGD: {ctx.cfg.resources.replicas} replica(s) on {devices}{pipeline}, "
                      f"gradient averaging: {self.group.comm}")
 
     def train_epoch(self, epoch, lr, start, on_chunk, should_stop) -> bool:
@@ -43,10 +54,10 @@ class SyncEngine(Engine):
         return self.group.state()
 
     def model_state(self) -> dict:
-        return self.group.get([self.group.actors[0].state.remote()])[0]
+        return self.group.model_state()
 
     def weights(self):
-        return self.group.get([self.group.actors[0].weights.remote()])[0]
+        return self.group.weights()
 
     def shutdown(self, graceful: bool = True) -> None:
         if getattr(self, "group", None) is not None:
