@@ -1,9 +1,20 @@
 """Stage actors (ray_train/worker/pipeline.py): R pipelined replicas of S stage actors follow
 single-process SGD on the R replicas' whole batch, to 1e-5 after 50 steps, with either schedule,
 plain SGD and momentum; a resumed pipelined run equals the uninterrupted one."""
+import json
+import os
+import signal
+import sys
+
 import numpy as np
 import pytest
+import ray.cloudpickle
 import torch
+
+from models import build_model
+from ray_train.cli import main
+from ray_train.strategies.sync.engine import SyncEngine
+from ray_train.worker.pipeline import Stage
 
 from ray_train.cluster import ReplicaContext
 from ray_train.config import build_config
@@ -64,3 +75,74 @@ def test_pipelined_replicas_equal_one_process_on_the_whole_batch(ray_cluster, st
         for k in reference:
             assert torch.allclose(model[k], reference[k], atol=1e-5, rtol=0), k
     assert 0.0 <= evaluation.accuracy <= 1.0 and len(evaluation.probs) == len(data.y_test)
+
+
+# -- checkpoints, resume and a stage's death, through the CLI ----------------------------------------
+EPOCHS, BATCH_CLI = 2, 64
+CLI = ["--model", "mlp30", "--dropout", "0.3", "--dataset", "mnist5k", "--optimizer", "momentum", "--lr", "0.2",
+       "--batch-size", str(BATCH_CLI), "--replicas", "2", "--cpus-per-replica", "0.5", "--stages", "2",
+       "--micro-batches", "4", "--seed", "1", "--log-every", "10", "--no-progress"]
+
+# The stage class travels to the actors by value: workers cannot import this test module.
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+class StageDiesOnce(Stage):
+    """Replica 1's stage 1 kills its own process halfway through epoch 1 (0-based), once per run."""
+
+    def set_epoch(self, epoch: int, lr: float, start: int = 0) -> int:
+        self.marker = os.path.join(self.cfg.run.storage, f"{self.cfg.run.run_name}.killed")
+        self.doomed = self.ctx.rank == 3 and epoch == 1 and not os.path.exists(self.marker)
+        return super().set_epoch(epoch, lr, start)
+
+    def train_steps(self, n: int) -> dict:
+        if self.doomed and self.cursor >= len(self.batches) // 2:
+            with open(self.marker, "w") as fh:
+                fh.write(str(os.getpid()))
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().train_steps(n)
+
+
+@pytest.fixture(scope="module")
+def runs(ray_cluster, tmp_path_factory):
+    storage = tmp_path_factory.mktemp("runs")
+    common = [*CLI, "--storage", str(storage)]
+    assert main([*common, "--epochs", str(EPOCHS), "--run-name", "straight"]) == 0
+    assert main([*common, "--epochs", "1", "--run-name", "resumed"]) == 0
+    assert main(["--resume", str(storage / "resumed"), "--epochs", str(EPOCHS), "--no-progress"]) == 0
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(SyncEngine, "stage_cls", StageDiesOnce)
+        assert main([*common, "--epochs", str(EPOCHS), "--run-name", "killed"]) == 0
+    return storage
+
+
+def _model(path):
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
+
+
+def test_model_pt_holds_the_whole_network_and_checkpoints_each_stage(runs):
+    model = _model(runs / "straight" / "model.pt")
+    net = build_model("mlp30", dropout=0.3)
+    assert net.load_state_dict(model).missing_keys == []  # loads as the whole network, as evaluate.py does
+    ckpt = torch.load(runs / "straight" / "checkpoints" / "ckpt-000002.pt", map_location="cpu", weights_only=False)
+    engine = ckpt["engine"]
+    assert engine["stages"] == 2 and len(engine["stage_optimizers"]) == 2 and len(engine["rng"]) == 4
+    assert all(opt["state"] for opt in engine["stage_optimizers"])  # momentum buffers of each stage
+    summary = json.loads((runs / "straight" / "summary.json").read_text())
+    assert summary["stages"] == 2 and summary["micro_batches"] == 4
+    assert summary["bubble_bound"] == pytest.approx(1 / 5) and 0.0 <= summary["bubble"] < 1.0
+
+
+def test_a_resumed_pipelined_run_equals_the_uninterrupted_one(runs):
+    a, b = _model(runs / "straight" / "model-last.pt"), _model(runs / "resumed" / "model-last.pt")
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
+
+
+def test_a_stage_death_restarts_the_pipelines_from_the_checkpoint(runs):
+    pid = int((runs / "killed.killed").read_text())
+    summary = json.loads((runs / "killed" / "summary.json").read_text())
+    assert summary["restarts"] == 1
+    failure = summary["failures"][0]
+    assert (failure["rank"], failure["stage"], failure["pid"], failure["epoch"]) == (1, 1, pid, 2)
+    a, b = _model(runs / "straight" / "model-last.pt"), _model(runs / "killed" / "model-last.pt")
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6

@@ -5,6 +5,8 @@ like a ReplicaGroup. The driver only starts chunks and collects metrics: activat
 never pass through it. A strategy composes it (strategies/sync/engine.py)."""
 from __future__ import annotations
 
+import numpy as np
+
 from ray_train.cluster import actor_class, reserve
 from ray_train.config import TrainConfig
 from ray_train.run.failure import ReplicaDied
@@ -19,6 +21,7 @@ class PipelineGroup(ReplicaGroup):
     def __init__(self, actors: list, pg, info: list[dict], comm: str, stages: int) -> None:
         super().__init__(actors, pg, info, comm)
         self.stages = stages
+        self.waited = self.busy = 0.0  # stage actors' milliseconds waiting for a neighbour, stepping
 
     @classmethod
     def create(cls, cfg: TrainConfig, data_ref, model, stage_cls=Stage) -> "PipelineGroup":
@@ -41,6 +44,25 @@ class PipelineGroup(ReplicaGroup):
             group.shutdown(graceful=False)
             raise
         return group
+
+    def report(self, results: list[dict], sink, step: int) -> None:
+        """TensorBoard tags of one chunk, per stage (averaged over the replicas): its step time,
+        its idle share (time waiting for a neighbour over its step time: the bubble) and the
+        activation and gradient bytes it sent to its neighbours per step; adds to the run's bubble."""
+        for s in range(self.stages):
+            mine = [r for r in results if r["stage"] == s]
+            step_ms = float(np.mean([r["step_ms"].mean() for r in mine if len(r["step_ms"])] or [0.0]))
+            wait_ms = float(np.mean([r["wait_ms"].mean() for r in mine if len(r["wait_ms"])] or [0.0]))
+            steps = max(1, len(mine[0]["step_ms"]))
+            sink.scalar(f"pipeline/step_ms/stage_{s}", step_ms, step)
+            sink.scalar(f"pipeline/bubble/stage_{s}", wait_ms / step_ms if step_ms else 0.0, step)
+            sink.scalar(f"pipeline/activation_bytes/stage_{s}", float(np.mean([r["act_bytes"] for r in mine])) / steps, step)
+        self.waited += sum(float(r["wait_ms"].sum()) for r in results)
+        self.busy += sum(float(r["step_ms"].sum()) for r in results)
+
+    def bubble(self) -> float | None:
+        """The share of the stage actors' step time spent waiting for a neighbour, so far."""
+        return self.waited / self.busy if self.busy else None
 
     def replica(self, r: int) -> list:
         return self.actors[r * self.stages : (r + 1) * self.stages]

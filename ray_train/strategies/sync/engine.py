@@ -11,12 +11,15 @@ from __future__ import annotations
 from ray_train.engine import Chunk, Engine, StateMismatch
 from ray_train.worker.evaluation import EvalResult
 from ray_train.worker.group import ReplicaGroup
+from ray_train.worker.pipeline import Stage
 from ray_train.worker.pipeline_group import PipelineGroup
+from ray_train.worker.stages import bubble
 from ray_train.worker.replica import Replica
 
 
 class SyncEngine(Engine):
     replica_cls = Replica  # tests and ensembles swap in subclasses
+    stage_cls = Stage  # the same for a pipelined replica's stage actors
 
     def start(self, state: dict | None) -> None:
         from ray.exceptions import RayTaskError
@@ -24,7 +27,7 @@ class SyncEngine(Engine):
         ctx = self.ctx
         stages = ctx.cfg.pipeline.stages
         if stages > 1:  # each replica a pipeline of stage actors (docs/pipeline.md)
-            self.group = PipelineGroup.create(ctx.cfg, ctx.data_ref, ctx.model)
+            self.group = PipelineGroup.create(ctx.cfg, ctx.data_ref, ctx.model, self.stage_cls)
         else:
             self.group = ReplicaGroup.create(ctx.cfg, ctx.data_ref, ctx.model, self.replica_cls)
         if state is not None:
@@ -44,8 +47,16 @@ class SyncEngine(Engine):
                      f"gradient averaging: {self.group.comm}")
 
     def train_epoch(self, epoch, lr, start, on_chunk, should_stop) -> bool:
-        return self.group.train_epoch(epoch, lr, start, self.ctx.cfg.run.log_every,
-                                      lambda results: on_chunk(Chunk.of(results)), should_stop)
+        step = epoch * self.epoch_steps() + start
+
+        def chunk(results):
+            nonlocal step
+            step += len(results[0]["step_ms"])
+            if isinstance(self.group, PipelineGroup):
+                self.group.report(results, self.ctx.sink, step)
+            on_chunk(Chunk.of(results))
+
+        return self.group.train_epoch(epoch, lr, start, self.ctx.cfg.run.log_every, chunk, should_stop)
 
     def evaluate(self, split: str) -> EvalResult:
         return self.group.evaluate(split, getattr(self.ctx.data, f"y_{split}"))
@@ -64,4 +75,10 @@ class SyncEngine(Engine):
             self.group.shutdown(graceful)
 
     def extras(self) -> dict:
-        return {"allreduce": self.group.comm, "devices": [i["device"] for i in self.group.info]}
+        extras = {"allreduce": self.group.comm, "devices": [i["device"] for i in self.group.info]}
+        if isinstance(self.group, PipelineGroup):
+            pipe = self.ctx.cfg.pipeline
+            extras |= {"stages": pipe.stages, "micro_batches": pipe.micro_batches, "pipeline_schedule": pipe.schedule,
+                       "bubble": self.group.bubble(), "bubble_bound": bubble(pipe.stages, pipe.micro_batches),
+                       "stage_params": [i["params"] for i in self.group.info[: pipe.stages]]}
+        return extras
