@@ -128,7 +128,7 @@ def check_resources(res, count: int | None = None, shards: int = 0, shard_cpus: 
             )
 
 
-def concurrent_slots(res, count: int) -> int:
+def concurrent_slots(res, count: int, stages: int = 1) -> int:
     """How many member groups fit in the cluster at once (at least one: check_resources said so);
     inside a Ray Tune trial, in the trial's placement group (whose bundles hold one group)."""
     import ray
@@ -136,9 +136,10 @@ def concurrent_slots(res, count: int) -> int:
     if trial_placement_group() is not None:
         return 1
     total = ray.cluster_resources()
-    fit = [math.floor(total.get("CPU", 0.0) / (res.replicas * res.cpus_per_replica) + 1e-9)]
+    actors = res.replicas * stages
+    fit = [math.floor(total.get("CPU", 0.0) / (actors * res.cpus_per_replica) + 1e-9)]
     if res.gpus_per_replica:
-        fit.append(math.floor(total.get("GPU", 0.0) / (res.replicas * res.gpus_per_replica) + 1e-9))
+        fit.append(math.floor(total.get("GPU", 0.0) / (actors * res.gpus_per_replica) + 1e-9))
     return max(1, min(count, *fit))
 
 

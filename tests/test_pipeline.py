@@ -23,6 +23,7 @@ from ray_train.network import model_factory
 from ray_train.worker.batches import shard_batches
 from ray_train.worker.pipeline_group import PipelineGroup
 from ray_train.worker.replica import Replica
+from tests.conftest import one_line_error
 
 STEPS, BATCH, SEED = 50, 16, 3
 
@@ -146,3 +147,30 @@ def test_a_stage_death_restarts_the_pipelines_from_the_checkpoint(runs):
     assert (failure["rank"], failure["stage"], failure["pid"], failure["epoch"]) == (1, 1, pid, 2)
     a, b = _model(runs / "straight" / "model-last.pt"), _model(runs / "killed" / "model-last.pt")
     assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--stages", "9"], "--stages: 9 stages, but the network splits into only 5 layers (net.0, net.1"),
+    (["--stages", "2", "--split-at", "net.9"], "'net.9' is not a layer of the network; its layers: net.0,"),
+    (["--stages", "2", "--micro-batches", "5"], "pipeline.micro_batches: 5 does not divide run.batch_size 64"),
+    (["--stages", "4", "--replicas", "2"], "2 replicas x 4 stages x 1 CPU = 8 CPU asked, but the cluster has 2 CPU"),
+    (["--stages", "2", "--strategy", "hogwild"], "run.strategy 'hogwild' does not take --stages, --micro-batches "
+                                                 "or --split-at; sync, ensemble do"),
+])
+def test_bad_pipelines_are_one_line_errors(ray_cluster, capsys, tmp_path, argv, needle):
+    line = one_line_error(capsys, ["--model", "mlp30", "--epochs", "1", "--storage", str(tmp_path), *argv])
+    assert needle in line, line
+
+
+def test_an_ensemble_member_may_be_a_pipeline(ray_cluster, tmp_path, capsys):
+    argv = ["--strategy", "ensemble", "--members", "2", "--bagging", "--model", "mlp30", "--stages", "2",
+            "--micro-batches", "2", "--cpus-per-replica", "0.5", "--epochs", "1", "--storage", str(tmp_path),
+            "--run-name", "ens", "--no-progress"]
+    assert main(argv) == 0
+    assert "each 1 replica(s) x 2 stages x 0.5 CPU" in capsys.readouterr().out
+    summary = json.loads((tmp_path / "ens" / "summary.json").read_text())
+    assert summary["test_accuracy"] > 0.5
+    members = summary["members"]
+    assert len(members) == 2 and all(m["distinct_examples"] < 3500 for m in members)  # bagging in the stages
+    model = torch.load(tmp_path / "ens" / "members" / "member_0" / "model.pt", weights_only=True)["model"]
+    assert build_model("mlp30").load_state_dict(model).missing_keys == []
