@@ -95,12 +95,16 @@ class Stage:
     def free_port(self) -> int:
         return free_port()
 
-    def connect(self, address: str, port: int) -> str:
+    def connect(self, address: str, port: int, own_pipeline: bool = False) -> str:
         """Join the group's process group (every stage of every replica), then one group per stage
-        for its copies' gradient averaging (every rank creates every group, in the same order)."""
+        for its copies' gradient averaging (every rank creates every group, in the same order).
+        ``own_pipeline``: a process group of this replica's stages only (they average nothing)."""
         c = self.ctx
-        dist.init_process_group("gloo", init_method=f"tcp://{address}:{port}", rank=c.rank,
-                                world_size=c.replicas * c.stages, timeout=PG_TIMEOUT)
+        self.me = c.stage if own_pipeline else c.rank  # its rank in the process group; neighbours are me -+ 1
+        dist.init_process_group("gloo", init_method=f"tcp://{address}:{port}", rank=self.me,
+                                world_size=c.stages if own_pipeline else c.replicas * c.stages, timeout=PG_TIMEOUT)
+        if own_pipeline:
+            return "none"
         groups = [dist.new_group([r * c.stages + s for r in range(c.replicas)]) for s in range(c.stages)]
         if c.replicas > 1:
             self.comm = DistAllreduce(c.replicas, group=groups[c.stage])
@@ -169,12 +173,12 @@ class Stage:
                     inp = xs[m]
                 else:
                     inp = torch.empty((rows, *self.in_shape))
-                    waited += self._recv(inp, c.rank - 1)
+                    waited += self._recv(inp, self.me - 1)
                     inp.requires_grad_()
                 out = self.part(inp)
                 if not self.last:
                     act = out.detach()
-                    sends.append((dist.isend(act, c.rank + 1), act))
+                    sends.append((dist.isend(act, self.me + 1), act))
                     sent += act.numel() * act.element_size()
                 inputs[m], outputs[m] = inp, out
                 continue
@@ -186,11 +190,11 @@ class Stage:
                 (loss / micro).backward()
             else:
                 grad = torch.empty_like(out)
-                waited += self._recv(grad, c.rank + 1)
+                waited += self._recv(grad, self.me + 1)
                 if out.requires_grad:  # a first stage without parameters has nothing to differentiate
                     out.backward(grad)
             if not self.first:
-                sends.append((dist.isend(inp.grad, c.rank - 1), inp.grad))
+                sends.append((dist.isend(inp.grad, self.me - 1), inp.grad))
                 sent += inp.grad.numel() * inp.grad.element_size()
         for work, _ in sends:
             work.wait()
@@ -223,10 +227,10 @@ class Stage:
                 inp = to_tensor(x[start:end])
             else:
                 inp = torch.empty((end - start, *self.in_shape))
-                dist.recv(inp, c.rank - 1)
+                dist.recv(inp, self.me - 1)
             out = self.part(inp)
             if not self.last:
-                dist.send(out.contiguous(), c.rank + 1)
+                dist.send(out.contiguous(), self.me + 1)
                 continue
             yb = torch.tensor(y[start:end], dtype=torch.int64)
             loss_sum += float(losses.summed(self.cfg.model.loss, out, yb))
