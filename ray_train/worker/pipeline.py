@@ -31,6 +31,10 @@ from ray_train.worker.stages import cut, schedule
 EVAL_ROWS = 1000  # rows per evaluation micro-batch
 
 
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
 @dataclass(frozen=True)
 class StageContext:
     """Where a stage actor sits: replica ``replica`` of ``replicas``, stage ``stage`` of ``stages``."""
@@ -82,6 +86,7 @@ class Stage:
         self.first, self.last = ctx.stage == 0, ctx.stage == ctx.stages - 1
         self.plan = schedule(cfg.pipeline.schedule, ctx.stages, cfg.pipeline.micro_batches)[ctx.stage]
         self.comm = None
+        self.act_peak = 0  # the most bytes of micro-batch inputs and outputs held for backward at once
         self.batches = np.empty((0, cfg.run.batch_size), dtype=np.int64)
         self.cursor, self.iteration0 = 0, 0
 
@@ -154,6 +159,7 @@ class Stage:
         samples = len(todo) * self.cfg.run.batch_size if self.last else 0
         return {"loss_sum": loss_sum, "correct": correct, "samples": samples, "step_ms": step_ms,
                 "rank": self.ctx.rank, "stage": self.ctx.stage, "wait_ms": wait_ms, "act_bytes": sent,
+                "act_peak_bytes": self.act_peak,
                 "comm_bytes": sent + reduced}
 
     def step(self, idx: np.ndarray) -> tuple[float, int, float, int]:
@@ -166,7 +172,7 @@ class Stage:
         ys = torch.from_numpy(self.data.y_train[idx]).chunk(micro) if self.last else None
         self.grad.zero_()
         inputs, outputs, sends = {}, {}, []
-        loss_sum, hits, waited, sent = 0.0, 0, 0.0, 0
+        loss_sum, hits, waited, sent, held = 0.0, 0, 0.0, 0, 0
         for kind, m in self.plan:
             if kind == "F":
                 if self.first:
@@ -181,8 +187,11 @@ class Stage:
                     sends.append((dist.isend(act, self.me + 1), act))
                     sent += act.numel() * act.element_size()
                 inputs[m], outputs[m] = inp, out
+                held += _nbytes(inp) + _nbytes(out)
+                self.act_peak = max(self.act_peak, held)
                 continue
             inp, out = inputs.pop(m), outputs.pop(m)
+            held -= _nbytes(inp) + _nbytes(out)
             if self.last:
                 loss = losses.loss(self.cfg.model.loss, out, ys[m])
                 loss_sum += float(loss.detach()) * rows
@@ -203,6 +212,21 @@ class Stage:
                 if p.dim() > 1:
                     p.grad.add_(torch.sign(p.detach()), alpha=self.cfg.optim.l1)
         return loss_sum, hits, waited, sent
+
+    def memory(self) -> dict:
+        """Bytes this stage holds: its parameters, its optimizer state, the peak of activations
+        held for backward, and its process's resident set (VmHWM: the peak, VmRSS: now)."""
+        opt = 0
+        if self.opt is not None:
+            opt = sum(_nbytes(v) for st in self.opt.state.values() for v in st.values() if torch.is_tensor(v))
+        status = {}
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                key, _, value = line.partition(":")
+                if key in ("VmHWM", "VmRSS"):
+                    status[key] = int(value.split()[0]) * 1024
+        return {"params": sum(_nbytes(p) for p in self.params), "optimizer": opt, "activations_peak": self.act_peak,
+                "rss_peak": status.get("VmHWM"), "rss": status.get("VmRSS")}
 
     @staticmethod
     def _recv(tensor: torch.Tensor, src: int) -> float:

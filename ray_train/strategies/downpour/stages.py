@@ -43,9 +43,9 @@ def aligned_shards(stages: list[tuple[int, int]], shards: int) -> list[list[tupl
 
     sizes = [hi - lo for lo, hi in stages]
     owners = [s for s, n in enumerate(sizes) if n]
-    count = {s: 0 for s in owners}
-    for i in range(max(shards, len(owners))):  # round robin, the largest stages first
-        count[sorted(owners, key=lambda s: -sizes[s])[i % len(owners)]] += 1
+    count = {s: 1 for s in owners}
+    for _ in range(shards - len(owners)):  # each further shard to the stage with the largest shards
+        count[max(owners, key=lambda s: sizes[s] / count[s])] += 1
     out = []
     for s, (lo, hi) in enumerate(stages):
         k = min(count.get(s, 0), hi - lo)
