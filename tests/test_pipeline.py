@@ -132,6 +132,16 @@ def test_model_pt_holds_the_whole_network_and_checkpoints_each_stage(runs):
     summary = json.loads((runs / "straight" / "summary.json").read_text())
     assert summary["stages"] == 2 and summary["micro_batches"] == 4
     assert summary["bubble_bound"] == pytest.approx(1 / 5) and 0.0 <= summary["bubble"] < 1.0
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(runs / "straight"), size_guidance={"scalars": 0})
+    acc.Reload()
+    for s in (0, 1):
+        assert acc.Scalars(f"pipeline/step_ms/stage_{s}")[0].value > 0
+        assert 0.0 <= acc.Scalars(f"pipeline/bubble/stage_{s}")[0].value < 1.0
+    # stage 0 sends the activations at the cut, stage 1 their gradients: the same bytes
+    sent = [acc.Scalars(f"pipeline/activation_bytes/stage_{s}")[0].value for s in (0, 1)]
+    assert sent[0] == sent[1] > 0
 
 
 def test_a_resumed_pipelined_run_equals_the_uninterrupted_one(runs):

@@ -166,7 +166,7 @@ class Stage:
         """Forward and backward of one batch's micro-batches in this stage's schedule order; the
         gradient of the batch's mean loss accumulates in ``self.grad``. Returns (summed loss,
         hits, seconds waiting for a neighbour, bytes sent)."""
-        c, micro = self.ctx, self.cfg.pipeline.micro_batches
+        micro = self.cfg.pipeline.micro_batches
         rows = len(idx) // micro
         xs = to_tensor(self.data.x_train[idx]).chunk(micro) if self.first else None
         ys = torch.from_numpy(self.data.y_train[idx]).chunk(micro) if self.last else None
