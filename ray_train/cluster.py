@@ -209,9 +209,10 @@ def _start_or_join(address: str, num_cpus: int | None) -> None:
 
 
 def check_resources(res, count: int | None = None, shards: int = 0, shard_cpus: float = 0.0,
-                    total: dict | None = None) -> None:
+                    total: dict | None = None, stages: int = 1) -> None:
     """Fail fast, naming what is asked and what the cluster has, instead of hanging on placement;
-    ``shards`` parameter-server shards of ``shard_cpus`` each come on top of the replicas.
+    ``shards`` parameter-server shards of ``shard_cpus`` each come on top of the replicas, and a
+    replica of ``stages`` stage actors asks for ``stages`` times a replica's resources.
     ``total``: the resources of the local cluster about to start (``local_resources``), checked
     before Ray starts; else the running cluster's."""
     where = "this machine has" if total is not None else "the cluster has"
@@ -219,7 +220,7 @@ def check_resources(res, count: int | None = None, shards: int = 0, shard_cpus: 
         import ray
 
         total = ray.cluster_resources()
-    count = res.replicas if count is None else count
+    count = (res.replicas if count is None else count) * stages
     extra = shards * shard_cpus
     asks = {"CPU": count * res.cpus_per_replica + extra, "GPU": count * res.gpus_per_replica}
     for kind, asked in asks.items():
@@ -227,14 +228,16 @@ def check_resources(res, count: int | None = None, shards: int = 0, shard_cpus: 
         if asked > have + 1e-9:
             per = res.cpus_per_replica if kind == "CPU" else res.gpus_per_replica
             plus = f" + {shards} shards x {shard_cpus:g} CPU" if kind == "CPU" and extra else ""
+            who = f"{count // stages} replicas x {stages} stages" if stages > 1 else f"{count} replicas"
             raise ResourceError(
-                f"resources: {count} replicas x {per:g} {kind}{plus} = {asked:g} {kind} asked, but {where} "
-                f"{have:g} {kind} in all; lower --replicas or --{kind.lower()}s-per-replica"
+                f"resources: {who} x {per:g} {kind}{plus} = {asked:g} {kind} asked, but {where} "
+                f"{have:g} {kind} in all; lower --replicas"
+                + (", --stages" if stages > 1 else "") + f" or --{kind.lower()}s-per-replica"
                 + (" or --ps-shards" if plus else "")
             )
 
 
-def concurrent_slots(res, count: int) -> int:
+def concurrent_slots(res, count: int, stages: int = 1) -> int:
     """How many member groups fit in the cluster at once (at least one: check_resources said so);
     inside a Ray Tune trial, in the trial's placement group (whose bundles hold one group)."""
     import ray
@@ -242,9 +245,10 @@ def concurrent_slots(res, count: int) -> int:
     if trial_placement_group() is not None:
         return 1
     total = ray.cluster_resources()
-    fit = [math.floor(total.get("CPU", 0.0) / (res.replicas * res.cpus_per_replica) + 1e-9)]
+    actors = res.replicas * stages
+    fit = [math.floor(total.get("CPU", 0.0) / (actors * res.cpus_per_replica) + 1e-9)]
     if res.gpus_per_replica:
-        fit.append(math.floor(total.get("GPU", 0.0) / (res.replicas * res.gpus_per_replica) + 1e-9))
+        fit.append(math.floor(total.get("GPU", 0.0) / (actors * res.gpus_per_replica) + 1e-9))
     return max(1, min(count, *fit))
 
 

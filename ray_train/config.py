@@ -26,6 +26,7 @@ L2_COSTS = ("network2", "network3")
 PLACEMENTS = ("PACK", "SPREAD")
 PRECISIONS = ("fp32", "bf16", "fp16")  # GPU readiness (docs/gpu.md)
 DATA_ON_DEVICE = ("auto", "on", "off")
+PIPELINE_SCHEDULES = ("gpipe", "1f1b")
 MNIST_MIRROR = "https://storage.googleapis.com/cvdf-datasets/mnist/"
 
 
@@ -198,6 +199,30 @@ class ResourcesConfig:
 
 
 @dataclass(frozen=True)
+class PipelineConfig:
+    """Model parallelism (docs/pipeline.md): each replica cut into stage actors in a line."""
+
+    stages: int = 1
+    """Stage actors per replica, each holding consecutive layers (1: no pipeline)."""
+    micro_batches: int = 1
+    """Micro-batches each replica's batch is split into as it flows through the stages."""
+    schedule: str = "1f1b"
+    """gpipe (every forward, then every backward) or 1f1b (at most S micro-batches held per stage)."""
+    split_at: str | None = None
+    """Comma-separated layer names where a new stage begins; None: balanced by parameter count."""
+
+    def __post_init__(self) -> None:
+        for name in ("stages", "micro_batches"):
+            _integer("pipeline", name, getattr(self, name))
+            _positive("pipeline", name, getattr(self, name))
+        _choice("pipeline", "schedule", self.schedule, PIPELINE_SCHEDULES)
+
+    @property
+    def split_names(self) -> list[str] | None:
+        return [n.strip() for n in self.split_at.split(",") if n.strip()] if self.split_at else None
+
+
+@dataclass(frozen=True)
 class RunConfig:
     strategy: str = strategies.DEFAULT
     """The training regime, a name in the strategies registry (ray_train/strategies/; --help lists them)."""
@@ -297,6 +322,7 @@ COMMON: dict[str, type] = {
     "model": ModelConfig,
     "optim": OptimConfig,
     "resources": ResourcesConfig,
+    "pipeline": PipelineConfig,
 }
 SECTIONS: dict[str, type] = {**COMMON, **strategies.sections()}
 # TrainConfig attribute of each section (a section named after a Python keyword gets a trailing _)
@@ -313,9 +339,26 @@ def _fill_and_check(self) -> None:
         object.__setattr__(self, "optim", dataclasses.replace(self.optim, optimizer=optimizer, lr=lr))
     strategy.check(self)
     check_allreduce(self.run.allreduce, self.resources.gpus_per_replica)
+    _check_pipeline(self, strategy)
     if self.run.slow_replica is not None and slow_replica(self.run.slow_replica)[0] >= self.resources.replicas:
         raise ConfigError(f"run.slow_replica: rank {slow_replica(self.run.slow_replica)[0]} is not one of the "
                           f"{self.resources.replicas} replicas (ranks 0..{self.resources.replicas - 1})")
+
+
+def _check_pipeline(self, strategy) -> None:
+    pipe = self.pipeline
+    if pipe.stages == 1 and pipe.micro_batches == 1 and not pipe.split_at:
+        return
+    if not strategy.pipelined:
+        takers = [s.name for s in strategies.all_strategies() if s.pipelined]
+        raise ConfigError(f"pipeline.stages: run.strategy {strategy.name!r} does not take --stages, "
+                          f"--micro-batches or --split-at; {', '.join(takers)} do")
+    if self.run.batch_size % pipe.micro_batches:
+        raise ConfigError(f"pipeline.micro_batches: {pipe.micro_batches} does not divide run.batch_size "
+                          f"{self.run.batch_size}; pick a divisor of the batch")
+    if pipe.split_names and len(pipe.split_names) != pipe.stages - 1:
+        raise ConfigError(f"pipeline.split_at: {len(pipe.split_names)} names make {len(pipe.split_names) + 1} "
+                          f"stages, not pipeline.stages {pipe.stages}")
 
 
 def _run_name(self) -> str:

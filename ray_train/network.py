@@ -69,6 +69,13 @@ def check_model(factory, data: Dataset, cfg: TrainConfig) -> None:
     elif tuple(out.shape) != want:
         raise UserError(f"model: {cfg.model.name} gives outputs of shape {list(out.shape)} for {want[0]} examples; "
                         f"{data.name} has {data.num_classes} classes, so expected {list(want)} (one logit per class)")
+    if cfg.pipeline.stages > 1 or cfg.pipeline.split_at:
+        from ray_train.worker.stages import SplitError, cut
+
+        try:
+            cut(net, cfg.pipeline.stages, cfg.pipeline.split_names, to_tensor(data.x_test[:2]))
+        except SplitError as exc:
+            raise UserError(f"model: {cfg.model.name} cannot be cut as asked: {exc}") from None
     workers = strategies.get(cfg.run.strategy).epoch_shards(cfg)
     if workers is None:  # no SGD batches (the engine checks its own when it starts)
         return

@@ -8,8 +8,8 @@ import argparse
 import datetime as _dt
 
 from ray_train import strategies
-from ray_train.config import (ALLREDUCE, DATA_ON_DEVICE, DATASETS, INITS, LOSSES, PLACEMENTS, PRECISIONS, SCHEDULES,
-                              load_yaml)
+from ray_train.config import (ALLREDUCE, DATA_ON_DEVICE, DATASETS, INITS, LOSSES, PIPELINE_SCHEDULES, PLACEMENTS,
+                              PRECISIONS, SCHEDULES, load_yaml)
 from ray_train.errors import UserError
 from ray_train.fields import OPTIMIZERS, did_you_mean
 from ray_train.strategies.base import Flag
@@ -66,6 +66,15 @@ COMMON_FLAGS: list[Flag] = [
      "mnist5k 500, others 0.1; 0: none)"),
     ("--standardize", "data", "standardize", bool, "standardise inputs with the training split's mean and std "
      "(kept in model.pt)"),
+    # model parallelism: each replica a pipeline of stage actors (docs/pipeline.md)
+    ("--stages", "pipeline", "stages", int, "stage actors per replica, each with --cpus-per-replica CPUs and "
+     "consecutive layers (default 1: no pipeline; strategies that take it: " + ", ".join(s.name for s in strategies.all_strategies() if s.pipelined) + ")"),
+    ("--micro-batches", "pipeline", "micro_batches", int, "micro-batches each replica's batch is cut into; must divide "
+     "--batch-size (default 1)"),
+    ("--pipeline-schedule", "pipeline", "schedule", str, f"{', '.join(PIPELINE_SCHEDULES)}: GPipe (all forwards, then all "
+     "backwards) or 1F1B (at most S micro-batches held per stage) (default 1f1b)"),
+    ("--split-at", "pipeline", "split_at", str, "NAME,...: layers where a new stage begins (default: balanced by "
+     "parameter count)"),
     # checkpoints, resume, failures, stop conditions (every strategy)
     ("--resume", "run", "resume", str, "continue the run in this folder (runs/<name>) from its last checkpoint"),
     ("--checkpoint-every", "run", "checkpoint_every", int, "epochs between checkpoints (default 1)"),

@@ -307,6 +307,8 @@ class RunLoop:
         self.engine.shutdown(graceful=False)
         rank, pid, epoch = died.info.get("rank"), died.info.get("pid"), self.progress.epoch + 1
         who = f"replica {rank} (pid {pid})" if rank is not None else "a replica"
+        if died.info.get("stage") is not None:
+            who = f"stage {died.info['stage']} of {who}"
         found = self.checkpoints.load_latest() if self.checkpoints is not None else None
         failures = self.ctx.failures
         decision = failures.decide({"epoch": epoch, **died.info, "restarted_from": found[1] if found else None,

@@ -46,6 +46,9 @@ class Strategy:
     """Its command-line flags, each setting one field (usually of its own section)."""
     compared: bool = True
     """``python -m ray_train compare`` runs it when --strategies is not given."""
+    pipelined: bool = False
+    """It takes --stages, --micro-batches and --split-at (docs/pipeline.md): its replicas may be
+    pipelines of stage actors (ray_train/worker/pipeline.py)."""
     resumes_itself: bool = False
     """Its runner resumes its parts from their own checkpoints (an ensemble's members); the run
     then loads no checkpoint for it and keeps the points the interrupted run already logged."""
@@ -82,14 +85,14 @@ class Strategy:
 
     def bundles(self, cfg) -> list[dict]:
         """The resource bundles one run holds at once (a Tune trial's placement group: search.py)."""
-        return [self.replica_bundle(cfg) for _ in range(cfg.resources.replicas)]
+        return [self.replica_bundle(cfg) for _ in range(cfg.resources.replicas * cfg.pipeline.stages)]
 
     def check_resources(self, cfg, total: dict | None = None) -> None:
         """Fail fast, before any actor starts, when the cluster cannot hold the run; ``total``:
         the local cluster's resources before it starts (cluster.local_resources)."""
         from ray_train.cluster import check_resources
 
-        check_resources(cfg.resources, total=total)
+        check_resources(cfg.resources, total=total, stages=cfg.pipeline.stages)
 
     # -- running -----------------------------------------------------------------------------
     def engine_class(self):

@@ -63,15 +63,16 @@ def _views(params: list[torch.nn.Parameter], flat: torch.Tensor) -> list[torch.T
 
 
 class DistAllreduce:
-    """Bucketed torch.distributed all_reduce over the default process group."""
+    """Bucketed torch.distributed all_reduce over a process group (default: the default one)."""
 
-    def __init__(self, world_size: int, bucket_bytes: int = BUCKET_BYTES) -> None:
+    def __init__(self, world_size: int, bucket_bytes: int = BUCKET_BYTES, group=None) -> None:
         self.world_size = world_size
         self.bucket_bytes = bucket_bytes
+        self.group = group  # None: the default process group (a pipeline's stage copies have their own)
 
     def mean_(self, flat: torch.Tensor) -> None:
         per = max(1, self.bucket_bytes // flat.element_size())
-        works = [dist.all_reduce(b, async_op=True) for b in flat.split(per)]
+        works = [dist.all_reduce(b, group=self.group, async_op=True) for b in flat.split(per)]
         for w in works:
             w.wait()
         flat.div_(self.world_size)

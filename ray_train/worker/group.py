@@ -136,6 +136,13 @@ class ReplicaGroup:
         """Which Ray node runs each replica (summary.json ``nodes``), by rank."""
         return {"replicas": [i["node_id"] for i in self.info]}
 
+    def model_state(self) -> dict:
+        """The network and its optimizer state (identical on every replica: rank 0's)."""
+        return self.get([self.actors[0].state.remote()])[0]
+
+    def weights(self) -> dict:
+        return self.get([self.actors[0].weights.remote()])[0]
+
     def state(self) -> dict:
         """Model and optimizer (identical on every replica: rank 0's) and every rank's RNG state."""
         state, *rngs = self.get([self.actors[0].state.remote()] + [a.rng_state.remote() for a in self.actors])

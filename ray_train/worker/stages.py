@@ -74,6 +74,13 @@ def split(model: nn.Module, stages: int, split_at: list[str] | None = None,
     state_dict stays the union of theirs). ``split_at`` names the layers where a new stage begins
     (len: stages - 1); else the cut is balanced by parameter count. With ``example`` (a batch of
     inputs) the stages are checked to compute what the network computes."""
+    return [nn.Sequential(*[m for _, m in part]) for part in cut(model, stages, split_at, example)]
+
+
+def cut(model: nn.Module, stages: int, split_at: list[str] | None = None,
+        example: torch.Tensor | None = None) -> list[list[tuple[str, nn.Module]]]:
+    """``split``'s stages as their layers, (qualified name, module): a stage's parameter ``w`` of
+    layer ``name`` is the whole network's ``name.w``."""
     line = layers(model)
     names = [n for n, _ in line]
     if split_at:
@@ -91,7 +98,8 @@ def split(model: nn.Module, stages: int, split_at: list[str] | None = None,
                              f"({', '.join(names)})")
         cuts = balanced_cuts([_weight(m) for _, m in line], stages)
     bounds = cuts + [len(line)]
-    parts = [nn.Sequential(*[m for _, m in line[a:b]]) for a, b in zip(bounds, bounds[1:])]
+    named = [line[a:b] for a, b in zip(bounds, bounds[1:])]
+    parts = [nn.Sequential(*[m for _, m in part]) for part in named]
     if example is not None:
         was = model.training
         model.eval()
@@ -102,8 +110,8 @@ def split(model: nn.Module, stages: int, split_at: list[str] | None = None,
         model.train(was)
         if got.shape != want.shape or not torch.allclose(got, want, atol=1e-6):
             raise SplitError(f"{type(model).__name__} does not run its layers in a line, so it cannot be cut "
-                             "automatically; give an nn.Sequential, --split-at, or a factory returning a list of stages")
-    return parts
+                             "automatically; give an nn.Sequential, or a module whose children are nn.Sequential run in order")
+    return named
 
 
 # -- schedules -----------------------------------------------------------------------------------------

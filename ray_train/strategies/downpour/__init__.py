@@ -14,6 +14,7 @@ class Downpour(Strategy):
     # DistBelief paired Downpour with AdaGrad on the parameter server; momentum SGD there stays at
     # chance on the default async job.
     optimizer = "adagrad"
+    pipelined = True
     flags = (
         ("--ps-shards", "async", "ps_shards", int, "async: parameter-server shards (default 2)"),
         ("--n-fetch", "async", "n_fetch", int, "async: steps between parameter fetches (default 1)"),
@@ -33,6 +34,9 @@ class Downpour(Strategy):
         if cfg.optim.max_norm is not None:
             raise ConfigError("optim.max_norm: the parameter server applies async updates; max-norm is for sync "
                               "and ensemble")
+        if cfg.pipeline.stages > 1 and cfg.async_.max_staleness is not None:
+            raise ConfigError("async.max_staleness: the staleness gate counts whole replicas; it does not take "
+                              "pipelined replicas (--stages)")
 
     def check_resources(self, cfg, total: dict | None = None) -> None:
         from ray_train.cluster import check_resources

@@ -24,6 +24,7 @@ from ray_train.run.failure import Decision
 from ray_train.strategies.downpour.parameter_server import ParameterShard, StalenessGate, decay_ranges, split_bounds
 from ray_train.strategies.driver_model import DriverModel
 from ray_train.worker.batches import steps_per_epoch
+from ray_train.worker.stages import bubble
 
 QUEUE = 2  # chunks queued per replica
 REJOIN_WAIT_S = 60.0  # at the end of a run, how long to wait for a replica restart under way
@@ -46,12 +47,16 @@ class Downpour:
     its large values (parameters, data) by a method call after construction."""
 
     def __init__(self, cfg: TrainConfig, data_ref, factory, model: torch.nn.Module,
-                 snapshot_dir: str | None = None, states: list[dict] | None = None, replica_cls=None) -> None:
+                 snapshot_dir: str | None = None, states: list[dict] | None = None, replica_cls=None,
+                 stage_shards: list[list[tuple[int, int]]] | None = None) -> None:
         from ray_train.strategies.downpour.replica import AsyncReplica
+        from ray_train.strategies.downpour.stages import PipelinedReplica
 
         a, res = cfg.async_, cfg.resources
         flat = flat_params(model)
-        self.bounds = split_bounds(len(flat), a.ps_shards)
+        # Pipelined replicas (``stage_shards``: per stage, its shards' bounds): no shard straddles two stages.
+        self.stage_shards = stage_shards
+        self.bounds = [b for per in stage_shards for b in per] if stage_shards else split_bounds(len(flat), a.ps_shards)
         self.shards = []
         for k, (lo, hi) in enumerate(self.bounds):
             path = os.path.join(snapshot_dir, f"shard-{k}.pt") if snapshot_dir else None
@@ -64,13 +69,18 @@ class Downpour:
         self.gate = None
         if a.max_staleness is not None:
             self.gate = actor_class(StalenessGate, num_cpus=0, max_concurrency=1000).remote(a.max_staleness)
-        self.pg = reserve(res)
+        self.pg = reserve(res, count=res.replicas * cfg.pipeline.stages)
         self.data_ref = data_ref
-        self.replicas = [actor_class(replica_cls or AsyncReplica, num_cpus=res.cpus_per_replica,
-                                     num_gpus=res.gpus_per_replica, pg=self.pg, bundle=r,
-                                     max_restarts=cfg.run.max_failures).remote(
-            ReplicaContext(r, res.replicas, res.cpus_per_replica, res.gpus_per_replica, cfg.run.seed), cfg, factory)
-            for r in range(res.replicas)]
+        contexts = [ReplicaContext(r, res.replicas, res.cpus_per_replica, res.gpus_per_replica, cfg.run.seed)
+                    for r in range(res.replicas)]
+        if stage_shards:  # each replica's stage actors take its bundles; it holds no CPU itself
+            self.replicas = [actor_class(PipelinedReplica, num_cpus=0, max_restarts=cfg.run.max_failures).remote(
+                ctx, cfg, factory, self.pg) for ctx in contexts]
+        else:
+            self.replicas = [actor_class(replica_cls or AsyncReplica, num_cpus=res.cpus_per_replica,
+                                         num_gpus=res.gpus_per_replica, pg=self.pg, bundle=ctx.rank,
+                                         max_restarts=cfg.run.max_failures).remote(ctx, cfg, factory)
+                             for ctx in contexts]
         if a.transport == "shm":
             self._check_one_node()
         # per replica, each shard's transport: "shm" (same node) or "ray"
@@ -88,6 +98,12 @@ class Downpour:
 
     def setup(self, rank: int):
         """(Re)connect replica ``rank`` to the data and the shards; returns the call's ref."""
+        if self.stage_shards:
+            per, k = [], 0
+            for bounds in self.stage_shards:
+                per.append(self.shards[k : k + len(bounds)])
+                k += len(bounds)
+            return retried(self.replicas[rank].setup).remote([self.data_ref], per, self.stage_shards)
         return retried(self.replicas[rank].setup).remote(self.data_ref, self.shards, self.bounds, self.gate)
 
     def params(self) -> np.ndarray:
@@ -128,19 +144,26 @@ class DownpourEngine(DriverModel, Engine):
         if a.ps_shards > n_params:  # known only once the model is: raised before any actor starts
             raise ConfigError(f"async.ps_shards: {a.ps_shards} shards for {cfg.model.name}'s {n_params} "
                               f"parameters; allowed: 1..{n_params}")
-        check_resources(cfg.resources, shards=a.ps_shards, shard_cpus=a.ps_cpus)
+        stage_shards = None
+        if cfg.pipeline.stages > 1:
+            from ray_train.strategies.downpour.stages import aligned_shards, stage_bounds
+            from ray_train.worker.batches import to_tensor
+
+            stage_shards = aligned_shards(stage_bounds(self.model, cfg, to_tensor(ctx.data.x_train[:2])), a.ps_shards)
+        shards = sum(len(b) for b in stage_shards) if stage_shards else a.ps_shards
+        check_resources(cfg.resources, shards=shards, shard_cpus=a.ps_cpus, stages=cfg.pipeline.stages)
         self.spe = self.epoch_steps()
         self.total, n = cfg.run.epochs * self.spe, cfg.resources.replicas
         self.done, self.rank_done, self.restarts = 0, [0] * n, 0
         if state:
             self.done, self.rank_done, self.restarts = int(state["done"]), list(state["rank_done"]), int(state["restarts"])
         self.actors = Downpour(cfg, ctx.data_ref, ctx.model, self.model, os.path.join(ctx.run_dir, "ps"),
-                               state["shards"] if state else None)
+                               state["shards"] if state else None, stage_shards=stage_shards)
         self.rank_next = list(self.rank_done)
         self.inflight: dict = {}  # chunk ref -> (rank, start, steps)
         self.rejoining: dict = {}  # setup ref of a restarting replica -> rank
         self.to_issue = self.total - self.done
-        self.seen = np.zeros(cfg.async_.ps_shards, dtype=np.int64)
+        self.seen = np.zeros(shards, dtype=np.int64)
         self.gated: set[int] = set()  # replicas the staleness gate waits for
         self.lost: set[int] = set()  # replicas whose restarts are used up
         infos = ray.get([r.info.remote() for r in self.actors.replicas])
@@ -151,7 +174,8 @@ class DownpourEngine(DriverModel, Engine):
         self.warm_steps = self.spe if a.warm_start_steps is None else a.warm_start_steps
         self.warm = self.warm_steps > self.done
         self.active = {0} if self.warm else set(range(n))
-        ctx.sink.say(f"async SGD (Downpour): {n} replicas, {a.ps_shards} parameter shards, fetch every {a.n_fetch}, "
+        stages = f" of {cfg.pipeline.stages} stages" if stage_shards else ""
+        ctx.sink.say(f"async SGD (Downpour): {n} replicas{stages}, {shards} parameter shards, fetch every {a.n_fetch}, "
                      f"push every {a.n_push} steps, transport {self.transport()}"
                      + (f", warm start {self.warm_steps} steps on replica 0" if self.warm else ""))
 
@@ -330,9 +354,12 @@ class DownpourEngine(DriverModel, Engine):
         return {"staleness_mean": sum(s["sum"] for s in stats) / max(count, 1),
                 "staleness_max": max(s["max"] for s in stats), "updates": int(round(updates)),
                 "updates_per_s": updates / max(seconds, 1e-9),
-                "lead_max": None if lead is None else lead["lead_max"], "ps_shards": self.ctx.cfg.async_.ps_shards,
+                "lead_max": None if lead is None else lead["lead_max"], "ps_shards": len(self.actors.bounds),
                 "restarts": self.restarts, "transport": self.transport(), "nodes": self.nodes(),
-                "replicas_down": sorted({*self.rejoining.values(), *self.lost})}
+                "replicas_down": sorted({*self.rejoining.values(), *self.lost}),
+                **({"stages": self.ctx.cfg.pipeline.stages, "micro_batches": self.ctx.cfg.pipeline.micro_batches,
+                    "bubble_bound": bubble(self.ctx.cfg.pipeline.stages, self.ctx.cfg.pipeline.micro_batches)}
+                   if self.actors.stage_shards else {})}
 
     def nodes(self) -> dict:
         """Which Ray node runs each replica (by rank; None for one that is down) and each parameter

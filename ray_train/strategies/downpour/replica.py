@@ -164,38 +164,32 @@ class ShmChannel:
         self.sock.close()
 
 
-class AsyncReplica(Replica):
-    """Built from small arguments only; the data and the shards arrive with ``setup``, which the
-    driver calls again after Ray restarts the actor (restarts must not depend on object refs)."""
+class ShardClient:
+    """Fetching parameters from, and pushing gradients to, the shards that hold ``self.flat``'s
+    slices: what a Downpour replica, or one stage of a pipelined replica (stages.py beside this
+    file), does with the parameter server. The class using it sets ``ctx`` (with ``rank``), ``cfg``,
+    ``flat`` (the parameters' flat buffer) and ``grad`` before ``init_client``."""
 
-    def __init__(self, ctx: ReplicaContext, cfg: TrainConfig, model) -> None:
-        super().__init__(ctx, cfg, None, model)
-        self.n_fetch, self.n_push = cfg.async_.n_fetch, cfg.async_.n_push
-        self.transport = cfg.async_.transport
-        # One flat buffer the parameters are views of: a fetch is one copy per shard.
-        self.flat = torch.cat([p.detach().reshape(-1) for p in self.params])
-        offset = 0
-        for p in self.params:
-            p.data = self.flat[offset : offset + p.numel()].view_as(p)
-            offset += p.numel()
+    def init_client(self) -> None:
+        self.n_fetch, self.n_push = self.cfg.async_.n_fetch, self.cfg.async_.n_push
+        self.transport = self.cfg.async_.transport
         self.acc = torch.zeros_like(self.grad)
         self.params_host, self.acc_host = Staging(self.flat), Staging(self.acc)  # what the shards exchange
-        self.mailbox = None if self.transport == "ray" else Mailbox(self.flat.numel())
+        self.mailbox = None if self.transport == "ray" or not self.flat.numel() else Mailbox(self.flat.numel())
         self.since_fetch = self.since_push = 0
         self.channels: list = []
         self.pending: list[tuple[int, bool]] = []  # (shard, whether it returns parameters) not yet acknowledged
         self.prefetched: dict[int, int] = {}  # shard -> version a push_pull returned, for the next fetch
         self.shard_errors: list[int] = []
-        self.local_epoch = -1
+        self.comm_bytes = 0
 
-    def setup(self, data: Dataset, shards: list, bounds: list[tuple[int, int]], gate=None) -> list[str]:
-        """Returns each shard's transport ("shm" or "ray")."""
+    def attach(self, shards: list, bounds: list[tuple[int, int]], gate=None) -> list[str]:
+        """(Re)connect to ``shards``, shard k holding ``flat[bounds[k]]``; each shard's transport."""
         import ray
 
-        self.data, self.shards, self.bounds, self.gate = data, shards, bounds, gate
+        self.shards, self.bounds, self.gate = shards, bounds, gate
         self.versions = np.zeros(len(shards), dtype=np.int64)  # as last fetched, per shard
         self.seen = np.zeros(len(shards), dtype=np.int64)  # highest version acknowledged, per shard
-        self.spe = steps_per_epoch(len(data.y_train), self.ctx.world_size, self.cfg.run.batch_size)
         self.node_id = ray.get_runtime_context().get_node_id()
         for channel in self.channels:
             if channel is not None:
@@ -210,47 +204,6 @@ class AsyncReplica(Replica):
             except ShardGone:  # down at the moment: the first request opens it
                 kinds.append(None)
         return kinds
-
-    def info(self) -> dict:
-        return {**super().info(), "rank": self.ctx.rank,
-                "transports": [c.kind if c is not None else None for c in self.channels]}
-
-    # -- the loop ------------------------------------------------------------------------------
-    def run(self, start: int, n: int) -> dict:
-        """Steps ``start .. start+n-1`` of this rank's own sequence of batches. The driver passes
-        ``start``, so a restarted replica resumes its data order where the lost one stopped."""
-        loss_sum = torch.zeros((), device=self.device)  # summed where the losses are; to the host once
-        correct = torch.zeros((), dtype=torch.float64, device=self.device)  # a count, or summed |error|
-        step_ms = np.empty(n, dtype=np.float32)
-        pushes = 0
-        for i, s in enumerate(range(start, start + n)):
-            t0 = clock(self.device)
-            epoch, pos = divmod(s, self.spe)
-            if epoch != self.local_epoch:
-                self.batches = shard_batches(len(self.data.y_train), self.ctx.world_size, self.ctx.rank,
-                                             self.cfg.run.batch_size, self.cfg.run.seed, epoch)
-                self.local_epoch = epoch
-            if self.since_fetch == 0:
-                self.fetch()
-            loss, hits = self.gradients(*self.batch(self.batches[pos]))
-            loss_sum += loss
-            correct += hits
-            if self.precision.unscale_(self.grad):  # false only for an fp16 overflow: that step adds nothing
-                self.acc += self.grad
-            self.since_fetch = (self.since_fetch + 1) % self.n_fetch
-            self.since_push += 1
-            if self.since_push == self.n_push:
-                self.push()
-                pushes += 1
-            step_ms[i] = straggle(self.slow, t0, self.device)
-        # Acknowledged pushes only: when the driver sees this chunk, its updates are on the shards.
-        self.settle()
-        errors, self.shard_errors = self.shard_errors, []
-        moved, self.comm_bytes = self.comm_bytes, 0
-        return {"loss_sum": float(loss_sum) * self.cfg.run.batch_size, "correct": float(correct),
-                "samples": n * self.cfg.run.batch_size, "step_ms": step_ms, "rank": self.ctx.rank,
-                "pushes": pushes, "versions": self.seen.copy(), "shard_errors": errors, "pid": os.getpid(),
-                "comm_bytes": moved}
 
     # -- talking to the shards ---------------------------------------------------------------------
     def fetch(self) -> None:
@@ -339,7 +292,7 @@ class AsyncReplica(Replica):
         lo, hi = self.bounds[k]
         try:
             ray.get(self.shards[k].offer.options(max_task_retries=-1).remote(
-                int(self.versions[k]), self.flat[lo:hi].numpy().copy(), int(self.seen[k])))
+                int(self.versions[k]), self.flat[lo:hi].detach().cpu().numpy(), int(self.seen[k])))
         except ray.exceptions.RayError as exc:
             raise ShardGone from exc
 
@@ -375,3 +328,67 @@ class AsyncReplica(Replica):
         if self.channels[k] is not None:
             self.channels[k].close()
             self.channels[k] = None
+
+
+class AsyncReplica(ShardClient, Replica):
+    """Built from small arguments only; the data and the shards arrive with ``setup``, which the
+    driver calls again after Ray restarts the actor (restarts must not depend on object refs)."""
+
+    def __init__(self, ctx: ReplicaContext, cfg: TrainConfig, model) -> None:
+        super().__init__(ctx, cfg, None, model)
+        # One flat buffer the parameters are views of: a fetch is one copy per shard.
+        self.flat = torch.cat([p.detach().reshape(-1) for p in self.params])
+        offset = 0
+        for p in self.params:
+            p.data = self.flat[offset : offset + p.numel()].view_as(p)
+            offset += p.numel()
+        self.init_client()
+        self.local_epoch = -1
+
+    def setup(self, data: Dataset, shards: list, bounds: list[tuple[int, int]], gate=None) -> list[str]:
+        """Returns each shard's transport ("shm" or "ray")."""
+        self.data = data
+        self.spe = steps_per_epoch(len(data.y_train), self.ctx.world_size, self.cfg.run.batch_size)
+        return self.attach(shards, bounds, gate)
+
+    def info(self) -> dict:
+        return {**super().info(), "rank": self.ctx.rank,
+                "transports": [c.kind if c is not None else None for c in self.channels]}
+
+    # -- the loop ------------------------------------------------------------------------------
+    def run(self, start: int, n: int) -> dict:
+        """Steps ``start .. start+n-1`` of this rank's own sequence of batches. The driver passes
+        ``start``, so a restarted replica resumes its data order where the lost one stopped."""
+        loss_sum = torch.zeros((), device=self.device)  # summed where the losses are; to the host once
+        correct = torch.zeros((), dtype=torch.float64, device=self.device)  # a count, or summed |error|
+        step_ms = np.empty(n, dtype=np.float32)
+        pushes = 0
+        for i, s in enumerate(range(start, start + n)):
+            t0 = clock(self.device)
+            epoch, pos = divmod(s, self.spe)
+            if epoch != self.local_epoch:
+                self.batches = shard_batches(len(self.data.y_train), self.ctx.world_size, self.ctx.rank,
+                                             self.cfg.run.batch_size, self.cfg.run.seed, epoch)
+                self.local_epoch = epoch
+            if self.since_fetch == 0:
+                self.fetch()
+            loss, hits = self.gradients(*self.batch(self.batches[pos]))
+            loss_sum += loss
+            correct += hits
+            if self.precision.unscale_(self.grad):  # false only for an fp16 overflow: that step adds nothing
+                self.acc += self.grad
+            self.since_fetch = (self.since_fetch + 1) % self.n_fetch
+            self.since_push += 1
+            if self.since_push == self.n_push:
+                self.push()
+                pushes += 1
+            step_ms[i] = straggle(self.slow, t0, self.device)
+        # Acknowledged pushes only: when the driver sees this chunk, its updates are on the shards.
+        self.settle()
+        errors, self.shard_errors = self.shard_errors, []
+        moved, self.comm_bytes = self.comm_bytes, 0
+        return {"loss_sum": float(loss_sum) * self.cfg.run.batch_size, "correct": float(correct),
+                "samples": n * self.cfg.run.batch_size, "step_ms": step_ms, "rank": self.ctx.rank,
+                "pushes": pushes, "versions": self.seen.copy(), "shard_errors": errors, "pid": os.getpid(),
+                "comm_bytes": moved}
+

@@ -12,6 +12,7 @@ class Ensemble(Strategy):
     section = EnsembleConfig
     compared = False
     resumes_itself = True
+    pipelined = True
     flags = (
         ("--members", "ensemble", "members", int, "ensemble: K members, seeds seed..seed+K-1 (default 5)"),
         ("--replicas-per-member", "ensemble", "replicas_per_member", int, "ensemble: each member a sync group of R "
@@ -29,7 +30,7 @@ class Ensemble(Strategy):
         return cfg.run.batch_size * cfg.ensemble.replicas_per_member
 
     def bundles(self, cfg) -> list[dict]:
-        return [self.replica_bundle(cfg) for _ in range(cfg.ensemble.replicas_per_member)]
+        return [self.replica_bundle(cfg) for _ in range(cfg.ensemble.replicas_per_member * cfg.pipeline.stages)]
 
     def check_resources(self, cfg, total: dict | None = None) -> None:
         # the runner checks one member's group against the cluster (members queue for slots);

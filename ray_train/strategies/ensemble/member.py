@@ -14,6 +14,7 @@ from ray_train.cluster import ReplicaContext
 from ray_train.config import TrainConfig
 from ray_train.data.dataset import Dataset
 from ray_train.worker.batches import shard_batches
+from ray_train.worker.pipeline import Stage, StageContext
 from ray_train.worker.replica import Replica
 
 BAGGING_STREAM = 0xBA6  # separates the bootstrap draw from the seed's other random streams
@@ -43,3 +44,23 @@ class EnsembleMember(Replica):
     def distinct_examples(self) -> int:
         """Distinct training examples this member learns from (the bootstrap's coverage)."""
         return len(self.data.y_train) if self.sample is None else int(len(np.unique(self.sample)))
+
+
+class EnsembleStage(Stage):
+    """A stage actor of a member that is a pipeline (--stages): the same bootstrap sample, so the
+    stages of one replica take the same batches."""
+
+    def __init__(self, ctx: StageContext, cfg: TrainConfig, data: Dataset, model) -> None:
+        super().__init__(ctx, cfg, data, model)
+        self.sample = bootstrap_indices(len(data.y_train), ctx.seed) if cfg.ensemble.bagging else None
+
+    def set_epoch(self, epoch: int, lr: float, start: int = 0) -> int:
+        steps = super().set_epoch(epoch, lr, start)
+        if self.sample is not None:
+            positions = shard_batches(len(self.sample), self.ctx.replicas, self.ctx.replica,
+                                      self.cfg.run.batch_size, self.cfg.run.seed, epoch)
+            self.batches = self.sample[positions]
+            steps = len(self.batches)
+        return steps
+
+    distinct_examples = EnsembleMember.distinct_examples

@@ -26,11 +26,12 @@ from ray_train.run.failure import FailurePolicy
 from ray_train.run.files import write_json
 from ray_train.run.loop import RunLoop, Summary
 from ray_train.strategies.ensemble.config import MemberSpec, member_config, member_specs
-from ray_train.strategies.ensemble.member import EnsembleMember
+from ray_train.strategies.ensemble.member import EnsembleMember, EnsembleStage
 from ray_train.strategies.ensemble.voting import average_report, vote_report
 from ray_train.strategies.sync.engine import SyncEngine
 
 MEMBER_CLASS = EnsembleMember  # tests swap in a subclass that dies, to exercise recovery
+STAGE_CLASS = EnsembleStage  # a member's stage actors when it is a pipeline (--stages)
 MEMBERS_DIR = "members"
 ENSEMBLE_FILE = "ensemble.json"
 MAX_GRID = 48  # misclassified images shown in the TensorBoard image
@@ -52,7 +53,7 @@ class MemberEngine(SyncEngine):
     """A member's sync engine: the member replica class (bagging) and its coverage in the summary."""
 
     def start(self, state):
-        self.replica_cls = MEMBER_CLASS
+        self.replica_cls, self.stage_cls = MEMBER_CLASS, STAGE_CLASS
         super().start(state)
 
     def extras(self) -> dict:
@@ -135,10 +136,12 @@ def run_ensemble(job) -> dict:
                                                         job.run_dir, job.stop)
     specs = member_specs(cfg)
     res = member_config(cfg, specs[0]).resources
-    check_resources(res)
-    slots = concurrent_slots(res, len(specs))
+    stages = cfg.pipeline.stages
+    check_resources(res, stages=stages)
+    slots = concurrent_slots(res, len(specs), stages=stages)
     models = ", ".join(sorted({s.model for s in specs}))
-    sink.say(f"ensemble: {len(specs)} members ({models}), each {res.replicas} replica(s) x {res.cpus_per_replica:g} "
+    per = f"{stages} stages x " if stages > 1 else ""
+    sink.say(f"ensemble: {len(specs)} members ({models}), each {res.replicas} replica(s) x {per}{res.cpus_per_replica:g} "
              f"CPU; {slots} train at once" + ("" if slots == len(specs) else ", the others queue"))
     t0 = time.perf_counter()
     results = run_members(cfg, specs, slots, data, data_ref, custom, sink, run_dir, stop)

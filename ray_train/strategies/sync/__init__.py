@@ -8,6 +8,7 @@ class Sync(Strategy):
     name = "sync"
     summary = "synchronous data-parallel SGD: gradients averaged among the replicas every step"
     engine = "ray_train.strategies.sync.engine:SyncEngine"
+    pipelined = True
 
 
 STRATEGY = Sync()
