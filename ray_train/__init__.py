@@ -7,7 +7,7 @@
 """
 from __future__ import annotations
 
-__all__ = ["fit", "Dataset", "TrainConfig"]
+__all__ = ["fit", "Dataset", "Streams", "TrainConfig"]
 
 
 def __getattr__(name: str):
@@ -19,6 +19,10 @@ def __getattr__(name: str):
         from ray_train.data.dataset import Dataset
 
         return Dataset
+    if name == "Streams":
+        from ray_train.data.streams import Streams
+
+        return Streams
     if name == "TrainConfig":
         from ray_train.config import TrainConfig
 

@@ -71,6 +71,10 @@ class Dataset:
     def has_validation(self) -> bool:
         return self.y_val is not None
 
+    def head_inputs(self) -> np.ndarray:
+        """Two test inputs, for the model check."""
+        return self.x_test[:2]
+
 
 def _inputs(name: str, x) -> np.ndarray:
     x = np.asarray(x)

@@ -36,7 +36,13 @@ def save_models(run_dir: str, summary, data: Dataset, extra: dict, vote: bool = 
     import torch
 
     stats = {k: torch.from_numpy(v) for k, v in data.standardize.items()} if data.standardize else None
-    meta = {**extra, "input_shape": list(data.input_shape), "num_classes": data.num_classes, "standardize": stats}
+    classes = getattr(data, "classes", None)  # an image folder's class names, sorted
+    meta = {**extra, "input_shape": list(data.input_shape), "num_classes": data.num_classes, "standardize": stats,
+            **({"classes": list(classes)} if classes else {})}
+    if classes:
+        from ray_train.run.files import write_json
+
+        write_json(os.path.join(run_dir, "classes.json"), list(classes))
     best = {**(summary.best_model_state or summary.model_state), **meta, "epoch": summary.best_epoch or summary.epochs}
     last = {**summary.model_state, **meta, "epoch": summary.epochs}
     names = (("model.pt", last), ("model-best.pt", best)) if vote else (("model.pt", best), ("model-last.pt", last))

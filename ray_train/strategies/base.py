@@ -46,6 +46,9 @@ class Strategy:
     """Its command-line flags, each setting one field (usually of its own section)."""
     compared: bool = True
     """``python -m ray_train compare`` runs it when --strategies is not given."""
+    streams: bool = False
+    """It trains on a dataset Ray Data streams (images:DIR, parquet:PATH, fit's Streams): its
+    replicas are worker.replica.Replica driven by worker.group.ReplicaGroup, which take a shard."""
     resumes_itself: bool = False
     """Its runner resumes its parts from their own checkpoints (an ensemble's members); the run
     then loads no checkpoint for it and keeps the points the interrupted run already logged."""

@@ -17,6 +17,7 @@ class EvalResult:
     accuracy: float
     errors: int
     probs: np.ndarray  # softmax [n, C], float32
+    labels: np.ndarray | None = None  # streamed splits: the labels in the order of probs
 
     @property
     def preds(self) -> np.ndarray:
@@ -44,9 +45,13 @@ def predict(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, loss_sum_fn, d
 
 
 def combine(parts: list[dict], y: np.ndarray) -> EvalResult:
-    """One result from the slices ``predict`` gave, each a dict with start, loss_sum, probs."""
+    """One result from the slices ``predict`` gave, each a dict with start, loss_sum, probs (and
+    labels: a streamed split's shares, in the order the replicas read them)."""
     parts = sorted(parts, key=lambda p: p["start"])
     probs = np.concatenate([p["probs"] for p in parts])
+    labels = np.concatenate([p["labels"] for p in parts]) if "labels" in parts[0] else None
+    if labels is not None:
+        y = labels
     n = max(len(y), 1)
     errors = int((probs.argmax(1) != y).sum())
-    return EvalResult(sum(p["loss_sum"] for p in parts) / n, 1.0 - errors / n, errors, probs)
+    return EvalResult(sum(p["loss_sum"] for p in parts) / n, 1.0 - errors / n, errors, probs, labels)

@@ -31,8 +31,8 @@ class EnsembleMember(Replica):
         # Every replica of a member's group draws the same sample (same seed), then takes its shard.
         self.sample = bootstrap_indices(n, ctx.seed) if cfg.ensemble.bagging else None
 
-    def set_epoch(self, epoch: int, lr: float, start: int = 0) -> int:
-        steps = super().set_epoch(epoch, lr, start)
+    def set_epoch(self, epoch: int, lr: float, start: int = 0, shard=None) -> int:
+        steps = super().set_epoch(epoch, lr, start, shard)
         if self.sample is not None:
             positions = shard_batches(len(self.sample), self.ctx.world_size, self.ctx.rank,
                                       self.cfg.run.batch_size, self.cfg.run.seed, epoch)
