@@ -130,6 +130,7 @@ def _decode(path: str, mode: str, size: tuple[int, int]) -> np.ndarray:
 # -- parquet:PATH --------------------------------------------------------------------------------
 def parquet(path: str, cfg) -> StreamData:
     import ray.data
+    from ray.data.expressions import col
 
     quiet_context()  # imports ray.data, which registers its tensor column types with pyarrow
     train_src = _table_source(path)
@@ -163,7 +164,7 @@ def parquet(path: str, cfg) -> StreamData:
             continue
         table = src.to_table(columns=[label] + ([split_col] if filtered else []))
         y = table.column(label).to_numpy(zero_copy_only=False)
-        ds = ray.data.read_parquet(where, columns=columns + ([split_col] if filtered else []))
+        ds = ray.data.read_parquet(where).select_columns(columns + ([split_col] if filtered else []))
         if filtered:
             wanted = np.isin(table.column(split_col).to_numpy(zero_copy_only=False).astype(str), SPLIT_VALUES[split])
             if not wanted.any():
@@ -171,7 +172,7 @@ def parquet(path: str, cfg) -> StreamData:
                     continue
                 raise DataError(f"parquet:{path}: no rows with {split_col} = {split!r}")
             y = y[wanted]
-            ds = ds.filter(expr=" or ".join(f"{split_col} == '{v}'" for v in SPLIT_VALUES[split]))
+            ds = ds.filter(expr=col(split_col).is_in(list(SPLIT_VALUES[split])))
         labels[split] = labels_array(f"parquet:{where} column {label!r}", y)
         if not len(labels[split]):
             raise DataError(f"parquet:{where}: no rows")
