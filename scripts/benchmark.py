@@ -8,8 +8,8 @@
 all on Nielsen's net B and MNIST-5k with plain SGD, 300 timed steps after a warm-up, in one run.
 Each system runs in a fresh subprocess, so its whole-run wall time (interpreter, imports, Ray
 start-up, data) is measured too. Every case runs once per round, ``--repeat`` rounds (default 3):
-the report gives each case's median and the ratios per round. The async, ensemble and regimes sections come from
-scripts/bench_async.py, scripts/bench_ensemble.py and scripts/bench_regimes.py.
+the report gives each case's median and the ratios per round. The async, ensemble, regimes and data sections come
+from scripts/bench_async.py, scripts/bench_ensemble.py, scripts/bench_regimes.py and scripts/bench_data.py.
 
 Prints one JSON document on stdout and writes a PNG bar chart (``--out``, default bench/).
 Compare ratios within one run only: the machines are shared and noisy.
@@ -264,7 +264,7 @@ def core(steps: int, warmup: int, repeat: int) -> dict:
 
 
 def extras(names: list[str], steps: int, warmup: int) -> dict:
-    """The async, ensemble and regimes sections, in this process on one local Ray cluster."""
+    """The async, ensemble, regimes and data sections, in this process on one local Ray cluster."""
     out = {}
     for name in names:
         path = os.path.join(ROOT, "scripts", f"bench_{name}.py")
@@ -328,8 +328,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=300, help="timed steps per system (default 300)")
     p.add_argument("--warmup", type=int, default=10, help="untimed warm-up steps (default 10)")
     p.add_argument("--repeat", type=int, default=3, help="rounds of the core cases; medians reported (default 3)")
-    p.add_argument("--only", nargs="+", default=["core", "async", "ensemble", "regimes"],
-                   choices=["core", "async", "ensemble", "regimes"], help="sections to run (default all)")
+    p.add_argument("--only", nargs="+", default=["core", "async", "ensemble", "regimes", "data"],
+                   choices=["core", "async", "ensemble", "regimes", "data"], help="sections to run (default all)")
     p.add_argument("--out", default="bench", help="folder for benchmark.json and benchmark.png")
     p.add_argument("--docs", default=os.path.join(ROOT, "docs", "bench-latest.md"),
                    help="the markdown table of this run (default docs/bench-latest.md; '' for none)")
@@ -345,7 +345,8 @@ def main() -> None:
               "warmup": args.warmup, "repeat": args.repeat, "model": MODEL}
     if "core" in args.only:
         report["core"] = core(args.steps, args.warmup, args.repeat)
-    report.update(extras([n for n in ("async", "ensemble", "regimes") if n in args.only], args.steps, args.warmup))
+    report.update(extras([n for n in ("async", "ensemble", "regimes", "data") if n in args.only], args.steps,
+                         args.warmup))
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "benchmark.json"), "w") as fh:
         json.dump(report, fh, indent=2)
