@@ -52,13 +52,26 @@ def make(folder: str, gb: float) -> None:
              x_test=x[test].reshape(-1, 3, SIDE, SIDE), y_test=y[test])
 
 
+def _ancestors(pid: str) -> set[int]:
+    seen = set()
+    while pid not in ("0", "1") and len(seen) < 64:
+        with open(f"/proc/{pid}/stat") as fh:
+            pid = fh.read().rsplit(")", 1)[1].split()[1]
+        seen.add(int(pid))
+    return seen
+
+
 def watch(peaks: dict, stop: threading.Event) -> None:
-    """Peak RSS (MB) of every replica actor process, by pid."""
+    """Peak RSS (MB) of every replica actor process of this run's cluster (the local cluster's
+    processes descend from this one; other clusters on the machine are not counted), by pid."""
+    me = os.getpid()
     while not stop.is_set():
         for pid in os.listdir("/proc"):
             if not pid.isdigit():
                 continue
             try:
+                if me not in _ancestors(pid):
+                    continue
                 with open(f"/proc/{pid}/cmdline", "rb") as fh:
                     cmd = fh.read().split(b"\0")[0].decode(errors="replace")
                 if not cmd.startswith(("ray::Replica", "ray::SplitCoordinator")):

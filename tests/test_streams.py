@@ -98,6 +98,13 @@ def test_image_folder_trains_with_the_other_streaming_strategies(ray_cluster, fo
     assert summary["test_accuracy"] >= 0.6, (strategy, summary["test_accuracy"])
 
 
+def test_image_folder_trains_an_ensemble_with_online_bagging(ray_cluster, folder, tmp_path):
+    summary = _fit_cli(tmp_path, "ens", "--dataset", f"images:{folder[0]}", "--epochs", "2", "--strategy", "ensemble",
+                       "--members", "2", "--replicas-per-member", "1", "--bagging")
+    assert summary["vote_accuracy"] >= 0.6, summary["vote_accuracy"]
+    assert len(summary["members"]) == 2 and all(m["status"] == "ok" for m in summary["members"])
+
+
 def test_streamed_run_is_as_accurate_as_the_in_memory_run(sync_run, folder, tmp_path):
     """The same images, seed and job from an .npz (in memory): the streamed run is no worse than
     one point below it (one-sided: the two shuffle differently)."""
@@ -226,3 +233,19 @@ def test_bad_parquet_is_one_line_errors(ray_cluster, folder, tmp_path, capsys, c
     err = one_line_error(capsys, argv)
     assert needle in err, err
     assert not storage.exists()
+
+
+def test_online_bagging_repeats_each_streamed_example_by_a_seeded_poisson_draw():
+    from ray_train.strategies.ensemble.member import EnsembleMember
+
+    member = object.__new__(EnsembleMember)  # only what batch() reads
+    member.poisson = True
+    x, y = torch.arange(64.0).reshape(64, 1), torch.arange(64)
+    draws = []
+    for seed in (0, 0, 1):
+        member.weights_rng = np.random.default_rng(seed)
+        bx, by = member.batch((x, y))
+        want = np.random.default_rng(seed).poisson(1.0, 64)
+        assert by.tolist() == np.repeat(np.arange(64), want).tolist() and torch.equal(bx[:, 0].long(), by)
+        draws.append(by.tolist())
+    assert draws[0] == draws[1] != draws[2]  # seeded: the same member repeats, another differs
