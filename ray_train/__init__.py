@@ -7,7 +7,7 @@
 """
 from __future__ import annotations
 
-__all__ = ["fit", "predict", "Dataset", "TrainConfig"]
+__all__ = ["fit", "predict", "Dataset", "Streams", "TrainConfig"]
 
 
 def __getattr__(name: str):
@@ -23,6 +23,10 @@ def __getattr__(name: str):
         from ray_train.data.dataset import Dataset
 
         return Dataset
+    if name == "Streams":
+        from ray_train.data.streams import Streams
+
+        return Streams
     if name == "TrainConfig":
         from ray_train.config import TrainConfig
 

@@ -29,6 +29,7 @@ from ray_train import strategies
 from ray_train.config import TrainConfig, build_config, load_yaml
 from ray_train.data.dataset import Dataset
 from ray_train.data.loaders import load_dataset
+from ray_train.data.streams import Streams
 from ray_train.errors import ConfigError
 from ray_train.network import CUSTOM, check_model, model_factory
 from ray_train.run.checkpoint import CheckpointStore
@@ -59,6 +60,11 @@ def fit(config: TrainConfig | Mapping | str | None = None, model=None, data=None
     cfg = _with_loss(cfg, loss)
     cfg, dataset = _with_data(cfg, data)
     check_targets(cfg, dataset)
+    strategy = strategies.get(cfg.run.strategy)
+    if getattr(dataset, "streamed", False) and not strategy.streams:
+        takers = ", ".join(s.name for s in strategies.all_strategies() if s.streams)
+        raise ConfigError(f"run.strategy: {strategy.name} cannot train on a streamed dataset ({cfg.data.dataset}) yet; "
+                          f"use {takers}, or arrays (npz:FILE, ray_train.Dataset)")
     cfg = _with_lambda(cfg, dataset)
     # every mistake that the config and the data show is reported before Ray starts
     runs = strategies.get(cfg.run.strategy).model_configs(cfg)
@@ -130,11 +136,12 @@ def check_targets(cfg: TrainConfig, data: Dataset) -> None:
 def _with_data(cfg: TrainConfig, data) -> tuple[TrainConfig, Dataset]:
     if isinstance(data, str):
         cfg = _replace(cfg, "data", dataset=data)
-    elif isinstance(data, Dataset):
+    elif isinstance(data, (Dataset, Streams)):
         cfg = _replace(cfg, "data", dataset=CUSTOM)
         return cfg, load_dataset(cfg.data, seed=cfg.run.seed, arrays=data)
     elif data is not None:
-        raise ConfigError(f"data: expected a dataset name or a ray_train.Dataset, got {type(data).__name__}")
+        raise ConfigError(f"data: expected a dataset name, a ray_train.Dataset or ray_train.Streams (ray.data "
+                          f"datasets), got {type(data).__name__}")
     elif cfg.data.dataset == CUSTOM:
         raise ConfigError("data.dataset: 'custom' means arrays handed to ray_train.fit(data=Dataset(...)); "
                           "none were given")
@@ -182,6 +189,9 @@ def _run_logged(cfg: TrainConfig, data: Dataset, factory, custom, tensorboard: b
     if headers:
         print(cluster, file=out, flush=True)
     strategy.check_resources(cfg)
+    streamed = getattr(data, "streamed", False)
+    if streamed:
+        data.check_cpus(sum(b.get("CPU", 0.0) for b in strategy.bundles(cfg)))
     name = cfg.run_name
     run_dir = make_run_dir(cfg, name)
     raylog.LOG.to_file(os.path.join(run_dir, "ray.log"))
@@ -205,7 +215,7 @@ def _run_logged(cfg: TrainConfig, data: Dataset, factory, custom, tensorboard: b
     print(f"run {name}: {cfg.run.strategy} {cfg.model.name} on {data.name} "
           f"({len(data.y_train)} train / " + (f"{len(data.y_val)} validation / " if data.has_validation else "")
           + f"{len(data.y_test)} test), logs in {run_dir}", file=out, flush=True)
-    data_ref = ray.put(data)
+    data_ref = data if streamed else ray.put(data)  # a stream is its lazy plans: the replicas read it
     try:
         with StopSignals() as stop:  # after ray.init: Ray installs its own SIGTERM handler there
             job = Job(strategy, cfg, data, data_ref, factory, custom, sink, run_dir, checkpoints, found, stop, on_epoch)

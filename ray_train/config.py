@@ -59,13 +59,33 @@ class DataConfig:
     """Training examples of the synthetic dataset."""
     synthetic_test: int = 1024
     """Test examples of the synthetic dataset."""
+    # streamed datasets (images:DIR, parquet:PATH; docs/data.md)
+    image_size: str | None = None
+    """"H,W": resize every image (images:DIR) or shape flat parquet rows; None: as they are."""
+    feature_column: str | None = None
+    """parquet: the input column; None: the first of image, x, features, pixels."""
+    label_column: str | None = None
+    """parquet: the integer label column; None: the first of label, y, labels, target."""
+    test_path: str | None = None
+    """parquet: the test split's file, folder or URI (else --split-column)."""
+    split_column: str | None = None
+    """parquet: a column whose values train, test and val (or validation) pick each row's split."""
+    shuffle_buffer: int = 1000
+    """Rows in each replica's seeded local shuffle buffer over its streamed shard (0: none)."""
 
     def __post_init__(self) -> None:
         named = isinstance(self.dataset, str) and (self.dataset in DATASETS or self.dataset == "custom" or (
-            self.dataset[:4] in ("idx:", "npz:") and len(self.dataset) > 4))
+            self.dataset[:4] in ("idx:", "npz:") and len(self.dataset) > 4) or (
+            self.dataset.split(":")[0] in ("images", "parquet") and len(self.dataset.split(":", 1)[1]) > 0))
         if not named:
             raise ConfigError(f"data.dataset: unknown value {self.dataset!r}; allowed: {', '.join(DATASETS)}, "
-                              "idx:DIR, npz:FILE")
+                              "idx:DIR, npz:FILE, images:DIR, parquet:PATH")
+        _integer("data", "shuffle_buffer", self.shuffle_buffer)
+        _positive("data", "shuffle_buffer", self.shuffle_buffer, zero_ok=True)
+        if self.image_size is not None:
+            parts = str(self.image_size).split(",")
+            if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+                raise ConfigError(f"data.image_size: expected H,W (two positive integers), got {self.image_size!r}")
         for name in ("synthetic_train", "synthetic_test"):
             _integer("data", name, getattr(self, name))
             _positive("data", name, getattr(self, name))

@@ -39,14 +39,16 @@ class Chunk:
     correct: int
     step_ms: dict[int, float]  # mean step time per replica rank
     comm_bytes: int = 0  # bytes these steps moved between processes (docs/summary.md, communication accounting)
+    wait_ms: dict[int, float] | None = None  # streamed data: mean wait for a batch per replica rank
 
     @classmethod
     def of(cls, results: list[dict], steps: int | None = None) -> "Chunk":
         """From the dicts Replica.train_steps (or AsyncReplica.run) returned, one per replica."""
         step_ms = {r["rank"]: float(np.mean(r["step_ms"])) if len(r["step_ms"]) else 0.0 for r in results}
+        wait_ms = {r["rank"]: float(np.mean(r["wait_ms"])) for r in results if len(r.get("wait_ms", ()))}
         return cls(len(results[0]["step_ms"]) if steps is None else steps, sum(r["samples"] for r in results),
                    sum(r["loss_sum"] for r in results), sum(r["correct"] for r in results), step_ms,
-                   sum(int(r.get("comm_bytes", 0)) for r in results))
+                   sum(int(r.get("comm_bytes", 0)) for r in results), wait_ms or None)
 
 
 class StateMismatch(Exception):

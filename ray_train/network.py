@@ -51,7 +51,7 @@ def check_model(factory, data: Dataset, cfg: TrainConfig) -> None:
             if not isinstance(net, torch.nn.Module):
                 raise TypeError(f"it returned a {type(net).__name__}, not a torch.nn.Module")
             with torch.no_grad():
-                out = net.eval()(to_tensor(data.x_test[:2]))
+                out = net.eval()(to_tensor(data.head_inputs()))
         except Exception as exc:
             shape = data.input_shape
             # images channels-last ([N, H, W, C], as PIL and most image libraries give them)

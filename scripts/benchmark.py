@@ -12,8 +12,9 @@
 all on Nielsen's net B and MNIST-5k with plain SGD, 300 timed steps after a warm-up, in one run.
 Each system runs in a fresh subprocess, so its whole-run wall time (interpreter, imports, Ray
 start-up, data) is measured too. Every case runs once per round, ``--repeat`` rounds (default 3):
-the report gives each case's median and the ratios per round. The async, ensemble, regimes and pipeline sections
-come from scripts/bench_async.py, scripts/bench_ensemble.py, scripts/bench_regimes.py and scripts/bench_pipeline.py.
+the report gives each case's median and the ratios per round. The async, ensemble, regimes, pipeline and data
+sections come from scripts/bench_async.py, scripts/bench_ensemble.py, scripts/bench_regimes.py,
+scripts/bench_pipeline.py and scripts/bench_data.py.
 
 Prints one JSON document on stdout and writes a PNG bar chart (``--out``, default bench/).
 Compare ratios within one run only: the machines are shared and noisy.
@@ -347,7 +348,7 @@ def core(steps: int, warmup: int, repeat: int, cases: list[str] | None = None, r
 
 
 def extras(names: list[str], steps: int, warmup: int) -> dict:
-    """The async, ensemble, regimes and pipeline sections, in this process on one local Ray cluster."""
+    """The async, ensemble, regimes, pipeline and data sections, in this process on one local Ray cluster."""
     out = {}
     for name in names:
         path = os.path.join(ROOT, "scripts", f"bench_{name}.py")
@@ -411,8 +412,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=300, help="timed steps per system (default 300)")
     p.add_argument("--warmup", type=int, default=10, help="untimed warm-up steps (default 10)")
     p.add_argument("--repeat", type=int, default=3, help="rounds of the core cases; medians reported (default 3)")
-    p.add_argument("--only", nargs="+", default=["core", "async", "ensemble", "regimes", "pipeline"],
-                   choices=["core", "async", "ensemble", "regimes", "pipeline"], help="sections to run (default all)")
+    p.add_argument("--only", nargs="+", default=["core", "async", "ensemble", "regimes", "pipeline", "data"],
+                   choices=["core", "async", "ensemble", "regimes", "pipeline", "data"],
+                   help="sections to run (default all)")
     p.add_argument("--cases", nargs="+", choices=list(PLAN), default=None,
                    help="core cases to run (default all; ratios only where both sides ran)")
     p.add_argument("--ray-defaults", action="store_true",
@@ -433,7 +435,7 @@ def main() -> None:
               "warmup": args.warmup, "repeat": args.repeat, "model": MODEL}
     if "core" in args.only:
         report["core"] = core(args.steps, args.warmup, args.repeat, args.cases, args.ray_defaults)
-    report.update(extras([n for n in ("async", "ensemble", "regimes", "pipeline") if n in args.only], args.steps,
+    report.update(extras([n for n in ("async", "ensemble", "regimes", "pipeline", "data") if n in args.only], args.steps,
                          args.warmup))
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "benchmark.json"), "w") as fh:

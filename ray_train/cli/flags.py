@@ -20,7 +20,8 @@ COMMON_FLAGS: list[Flag] = [
      f"{strategies.DEFAULT}; docs/strategies.md)"),
     ("--model", "model", "name", str, "network from models/ (mlp30, mlp100, net_a, net_b, net_c, net_d, net_d_maxout, net_h; default net_d) "
      "or package.module:function"),
-    ("--dataset", "data", "dataset", str, f"{', '.join(DATASETS)} (default mnist5k, embedded)"),
+    ("--dataset", "data", "dataset", str, f"{', '.join(DATASETS)} (default mnist5k, embedded), "
+     "idx:DIR, npz:FILE, or streamed by Ray Data: images:DIR (DIR/train/<class>/*.png ...), parquet:PATH"),
     ("--data-dir", "data", "data_dir", str, "folder with the four MNIST IDX files (else downloaded to the cache)"),
     ("--replicas", "resources", "replicas", int, "replica actors (default 2)"),
     ("--cpus-per-replica", "resources", "cpus_per_replica", float, "CPUs per replica; fractions allowed (default 1)"),
@@ -75,6 +76,17 @@ COMMON_FLAGS: list[Flag] = [
      "backwards) or 1F1B (at most S micro-batches held per stage) (default 1f1b)"),
     ("--split-at", "pipeline", "split_at", str, "NAME,...: layers where a new stage begins (default: balanced by "
      "parameter count)"),
+    # streamed datasets (images:DIR, parquet:PATH; docs/data.md)
+    ("--image-size", "data", "image_size", str, "H,W: resize every image of images:DIR (else all must be one size); "
+     "for parquet, the shape of flat rows"),
+    ("--feature-column", "data", "feature_column", str, "parquet input column (default: the first of image, x, "
+     "features, pixels)"),
+    ("--label-column", "data", "label_column", str, "parquet integer label column (default: the first of label, y, "
+     "labels, target)"),
+    ("--test-path", "data", "test_path", str, "parquet test split: a file, folder or URI"),
+    ("--split-column", "data", "split_column", str, "parquet column whose values train, test, val pick each row's split"),
+    ("--shuffle-buffer", "data", "shuffle_buffer", int, "rows in each replica's seeded shuffle buffer over its "
+     "streamed shard (default 1000; 0: none)"),
     # checkpoints, resume, failures, stop conditions (every strategy)
     ("--resume", "run", "resume", str, "continue the run in this folder (runs/<name>) from its last checkpoint"),
     ("--checkpoint-every", "run", "checkpoint_every", int, "epochs between checkpoints (default 1)"),

@@ -101,6 +101,10 @@ class Dataset:
         """One example's target: () for a class label or a scalar regression target."""
         return tuple(self.y_train.shape[1:])
 
+    def head_inputs(self) -> np.ndarray:
+        """Two test inputs, for the model check."""
+        return self.x_test[:2]
+
 
 def _inputs(name: str, x) -> np.ndarray:
     x = np.asarray(x)

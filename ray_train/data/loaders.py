@@ -54,7 +54,12 @@ DOWNLOAD_TIMEOUT_S = 30
 
 def load_dataset(cfg: DataConfig, seed: int = 0, arrays: Dataset | None = None) -> Dataset:
     """Load the dataset ``cfg`` names (or take ``arrays``, a user's Dataset), expanded when asked;
-    ``seed`` only affects synthetic data, never a split."""
+    ``seed`` only affects synthetic data, never a split. images:DIR, parquet:PATH and a user's
+    ray.data Datasets (streams.Streams) are streamed: a StreamData (data/formats.py)."""
+    if cfg.dataset.split(":")[0] in ("images", "parquet") or (arrays is not None and not isinstance(arrays, Dataset)):
+        from ray_train.data.formats import load_stream
+
+        return load_stream(cfg, arrays)
     if arrays is not None:
         data = arrays
     elif cfg.dataset == "mnist5k":

@@ -26,7 +26,8 @@ def _is_terminal(stream) -> bool:
 
 class MetricsSink:
     """Tags (docs/tensorboard.md lists them): train/loss, train/accuracy, lr, val/loss, val/accuracy, test/loss, test/accuracy,
-    (regression: train/mae, val/mae, test/mae instead of the accuracies), throughput/samples_per_s, time/step_ms/replica_<k>, comm/bytes, weights/<name>, test/confusion_matrix;
+    (regression: train/mae, val/mae, test/mae instead of the accuracies), throughput/samples_per_s, time/step_ms/replica_<k>,
+    data/wait_ms/replica_<k>, comm/bytes, weights/<name>, test/confusion_matrix;
     engines add their own (ps/*, ensemble/*) through ``scalar``, ``histogram`` and ``image``.
 
     ``progress`` None shows a bar only when ``out`` is a terminal: under ``ray job submit``, in CI
@@ -78,7 +79,8 @@ class MetricsSink:
                              leave=False, file=sys.stderr, dynamic_ncols=True)
 
     def train_chunk(self, step: int, steps: int, loss: float, accuracy: float, step_ms: dict[int, float],
-                    comm_bytes: int | None = None, metric: str = "accuracy") -> None:
+                    comm_bytes: int | None = None, wait_ms: dict[int, float] | None = None,
+                    metric: str = "accuracy") -> None:
         """``accuracy`` is the mean absolute error when ``metric`` is "mae" (regression)."""
         self.scalar("train/loss", loss, step)
         self.scalar(f"train/{metric}", accuracy, step)
@@ -86,6 +88,8 @@ class MetricsSink:
             self.scalar("comm/bytes", comm_bytes, step)
         for rank, ms in step_ms.items():
             self.scalar(f"time/step_ms/replica_{rank}", ms, step)
+        for rank, ms in (wait_ms or {}).items():  # streamed data: how long steps waited for batches
+            self.scalar(f"data/wait_ms/replica_{rank}", ms, step)
         if self._bar is not None:
             self._bar.update(max(0, min(steps, self._bar.total - self._bar.n)))  # async chunks may run past the epoch
             self._bar.set_postfix(loss=f"{loss:.3f}", **{"acc" if metric == "accuracy" else metric: f"{accuracy:.3f}"})

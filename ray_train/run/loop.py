@@ -161,7 +161,7 @@ class RunLoop:
                                 if self.resume_hint and self.checkpoints and self.checkpoints.paths()
                                 else "no checkpoint was written"))
         self.sink.train_chunk(p.step, chunk.steps, loss, chunk.correct / samples, chunk.step_ms, p.comm_bytes,
-                              metric="mae" if self.regression else "accuracy")
+                              chunk.wait_ms, metric="mae" if self.regression else "accuracy")
 
     def _should_stop(self) -> bool:
         """Asked by the engine between chunks."""
@@ -342,7 +342,8 @@ class RunLoop:
             evaluation = self.engine.evaluate("test")
         data = self.ctx.data
         if not self.regression:
-            self.sink.confusion(data.y_test, evaluation.preds, data.num_classes, p.step)
+            labels = data.y_test if evaluation.labels is None else evaluation.labels  # streamed: as read
+            self.sink.confusion(labels, evaluation.preds, data.num_classes, p.step)
         extras = self.engine.extras()  # first: an engine may record a failure it learns of only now
         failures, best = self.ctx.failures.failures, p.best or {}
         return Summary(stopped, reason, p.epoch, p.step, p.samples, p.comm_bytes, p.train_s,

@@ -37,9 +37,16 @@ def save_models(run_dir: str, summary, data: Dataset, extra: dict, vote: bool = 
     import torch
 
     stats = {k: torch.from_numpy(v) for k, v in data.standardize.items()} if data.standardize else None
+    # class names: an in-memory dataset's (npz class_names) or an image folder's (sorted folder names)
+    classes = getattr(data, "class_names", None) or getattr(data, "classes", None)
     meta = {**extra, "input_shape": list(data.input_shape), "num_classes": data.num_classes, "standardize": stats,
-            "class_names": list(data.class_names) if data.class_names else None,
-            "regression": bool(data.regression), "target_shape": list(data.target_shape)}
+            "class_names": list(classes) if classes else None,
+            "regression": bool(getattr(data, "regression", False)),
+            "target_shape": list(getattr(data, "target_shape", ()))}
+    if classes:
+        from ray_train.run.files import write_json
+
+        write_json(os.path.join(run_dir, "classes.json"), list(classes))
     best = {**(summary.best_model_state or summary.model_state), **meta, "epoch": summary.best_epoch or summary.epochs}
     last = {**summary.model_state, **meta, "epoch": summary.epochs}
     names = (("model.pt", last), ("model-best.pt", best)) if vote else (("model.pt", best), ("model-last.pt", last))

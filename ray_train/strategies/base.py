@@ -49,6 +49,9 @@ class Strategy:
     pipelined: bool = False
     """It takes --stages, --micro-batches and --split-at (docs/pipeline.md): its replicas may be
     pipelines of stage actors (ray_train/worker/pipeline.py)."""
+    streams: bool = False
+    """It trains on a dataset Ray Data streams (images:DIR, parquet:PATH, fit's Streams): its
+    replicas are worker.replica.Replica driven by worker.group.ReplicaGroup, which take a shard."""
     resumes_itself: bool = False
     """Its runner resumes its parts from their own checkpoints (an ensemble's members); the run
     then loads no checkpoint for it and keeps the points the interrupted run already logged."""

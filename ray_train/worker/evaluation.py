@@ -19,6 +19,7 @@ class EvalResult:
     errors: int | None  # None for regression
     probs: np.ndarray  # softmax [n, C] float32; for regression the outputs [n, ...]
     mae: float | None = None  # mean absolute error, regression only
+    labels: np.ndarray | None = None  # streamed splits: the labels in the order of probs
 
     @property
     def regression(self) -> bool:
@@ -58,17 +59,20 @@ def predict(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, objective, dev
 
 
 def combine(parts: list[dict], y: np.ndarray) -> EvalResult:
-    """One result from the slices ``predict`` gave, each a dict with start, loss_sum, probs; float
-    targets ``y`` (a regression dataset's) give a loss and mean absolute error, labels accuracy."""
-    regression = np.issubdtype(y.dtype, np.floating)
+    """One result from the slices ``predict`` gave, each a dict with start, loss_sum, probs (and
+    labels: a streamed split's shares, in the order the replicas read them); float targets ``y`` (a
+    regression dataset's) give a loss and mean absolute error, labels accuracy."""
     parts = sorted(parts, key=lambda p: p["start"])
     probs = np.concatenate([p["probs"] for p in parts])
+    labels = np.concatenate([p["labels"] for p in parts]) if "labels" in parts[0] else None
+    if labels is not None:
+        y = labels
     n = max(len(y), 1)
     loss = sum(p["loss_sum"] for p in parts) / n
-    if regression:
+    if np.issubdtype(y.dtype, np.floating):
         return EvalResult(loss, None, None, probs, mean_absolute_error(probs, y))
     errors = int((probs.argmax(1) != y).sum())
-    return EvalResult(loss, 1.0 - errors / n, errors, probs)
+    return EvalResult(loss, 1.0 - errors / n, errors, probs, labels=labels)
 
 
 def mean_absolute_error(outputs: np.ndarray, y: np.ndarray) -> float:

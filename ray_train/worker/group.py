@@ -35,10 +35,13 @@ def choose_allreduce(cfg: TrainConfig, nodes: set[str]) -> tuple[str, bool]:
 
 
 class ReplicaGroup:
-    def __init__(self, actors: list, pg, info: list[dict], comm: str, shm_name: str | None = None) -> None:
+    def __init__(self, actors: list, pg, info: list[dict], comm: str, shm_name: str | None = None,
+                 stream=None, seed: int = 0) -> None:
         self.actors, self.pg, self.info, self.comm = actors, pg, info, comm
         self.shm_name = shm_name  # the shared-memory segment of SharedMemoryAllreduce, if any
         self.closed = False
+        # streamed data (data/streams.py): the driver cuts each epoch's shards and hands them out
+        self.stream, self.seed, self.eval_shards = stream, seed, {}
 
     @classmethod
     def create(cls, cfg: TrainConfig, data_ref, model, replica_cls=Replica) -> "ReplicaGroup":
@@ -60,7 +63,20 @@ class ReplicaGroup:
         except Exception:
             cls(actors, pg, [], "none").shutdown(graceful=False)
             raise
-        return cls(actors, pg, info, comm, name)
+        return cls(actors, pg, info, comm, name, data_ref if getattr(data_ref, "streamed", False) else None,
+                   cfg.run.seed)
+
+    def shards(self, epoch: int | None = None, split: str = "train") -> list:
+        """One streamed shard per replica (None each for in-memory data): this epoch's training
+        shards, or ``split`` cut for evaluation (kept: they can be read again)."""
+        if self.stream is None:
+            return [None] * len(self.actors)
+        hints = [i["node_id"] for i in self.info]
+        if epoch is not None:
+            return self.stream.train_shards(self.seed, epoch, len(self.actors), hints)
+        if split not in self.eval_shards:
+            self.eval_shards[split] = self.stream.eval_shards(split, len(self.actors), hints)
+        return self.eval_shards[split]
 
     @classmethod
     def wire(cls, cfg: TrainConfig, actors: list, info: list[dict]) -> tuple[str, str | None]:
@@ -83,7 +99,8 @@ class ReplicaGroup:
         as it completes. Once ``should_stop()`` is true nothing more is queued and the chunks
         already queued finish. True when the epoch is complete."""
 
-        steps = self.get([a.set_epoch.remote(epoch, lr, start) for a in self.actors])[0]
+        shards = self.shards(epoch)
+        steps = self.get([a.set_epoch.remote(epoch, lr, start, shard) for a, shard in zip(self.actors, shards)])[0]
         pending: deque = deque()
         position, stopping = start, False
         while True:
@@ -97,7 +114,8 @@ class ReplicaGroup:
             stopping = stopping or should_stop()
 
     def evaluate(self, split: str, y: np.ndarray) -> EvalResult:
-        return combine(self.get([a.evaluate.remote(split) for a in self.actors]), y)
+        shards = self.shards(split=split)
+        return combine(self.get([a.evaluate.remote(split, shard) for a, shard in zip(self.actors, shards)]), y)
 
     def get(self, refs: list) -> list:
         """ray.get of one call on every replica. When a replica dies, its peers may be stuck in

@@ -14,7 +14,7 @@ from ray_train.config import TrainConfig, slow_replica
 from ray_train.data.dataset import Dataset
 from ray_train.errors import ModelFactoryError
 from ray_train.worker import losses
-from ray_train.worker.batches import eval_shard, shard_batches
+from ray_train.worker.batches import eval_shard, shard_batches, steps_per_epoch
 from ray_train.worker.comm import BUCKET_BYTES, DistAllreduce, GradBuckets, SharedMemoryAllreduce, allreduce_bytes, flatten_grads
 from ray_train.worker.device import Inputs, Precision, clock, synchronize, to_host
 from ray_train.worker.evaluation import predict
@@ -93,6 +93,7 @@ class Replica:
         self.slow = slow_factor(cfg, ctx.rank)
         self.batches = np.empty((0, cfg.run.batch_size), dtype=np.int64)
         self.cursor = 0
+        self.stream = None  # this epoch's TrainStream when the data is streamed (worker/stream.py)
 
     @property
     def objective(self) -> losses.Objective:
@@ -148,37 +149,62 @@ class Replica:
             dist.destroy_process_group()
 
     # -- training ----------------------------------------------------------------------------
-    def set_epoch(self, epoch: int, lr: float, start: int = 0) -> int:
+    def set_epoch(self, epoch: int, lr: float, start: int = 0, shard=None) -> int:
         """Prepare this epoch's batches (this rank's shard) and learning rate, positioned ``start``
-        steps in (a run resumed mid-epoch); returns the epoch's steps."""
+        steps in (a run resumed mid-epoch); returns the epoch's steps. ``shard``: this epoch's
+        streamed shard (a Ray Data iterator) when the data is streamed."""
         set_lr(self.opt, lr)
         self.model.train()
-        self.batches = shard_batches(len(self.data.y_train), self.ctx.world_size, self.ctx.rank,
-                                     self.cfg.run.batch_size, self.cfg.run.seed, epoch)
-        self.iteration0 = epoch * len(self.batches)  # steps before this epoch (the inverse schedule's t)
+        run = self.cfg.run
+        if shard is None:
+            self.stream = None
+            self.batches = shard_batches(len(self.data.y_train), self.ctx.world_size, self.ctx.rank,
+                                         run.batch_size, run.seed, epoch)
+            steps = len(self.batches)
+        else:
+            from ray_train.worker.stream import TrainStream
+
+            steps = steps_per_epoch(len(self.data.y_train), self.ctx.world_size, run.batch_size)
+            self.stream = TrainStream(self.data, shard, run.batch_size, run.seed, epoch, self.ctx.rank, self.device)
+            self.stream.skip(start)
+        self.steps = steps
+        self.iteration0 = epoch * steps  # steps before this epoch (the inverse schedule's t)
         self.cursor = start
-        return len(self.batches)
+        return steps
+
+    def _next_batches(self, n: int):
+        """The next ``n`` steps' batches: index arrays, or (x, y) tensors from the stream."""
+        if self.stream is None:
+            yield from self.batches[self.cursor : self.cursor + n]
+            return
+        for _ in range(max(0, min(n, self.steps - self.cursor))):
+            yield self.stream.next()
 
     def train_steps(self, n: int) -> dict:
         """Run the next ``n`` steps of the epoch; returns sums and per-step times."""
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), dtype=torch.float64, device=self.device)  # or summed absolute errors
         step_ms = np.empty(n, dtype=np.float32)
-        todo = self.batches[self.cursor : self.cursor + n]
         inverse = self.cfg.optim.schedule == "inverse"
-        for i, idx in enumerate(todo):
-            t0 = clock(self.device)
+        done = 0
+        t0 = clock(self.device)
+        for idx in self._next_batches(n):  # a streamed batch's wait counts in its step's time
             if inverse:
-                set_lr(self.opt, inverse_lr(self.cfg.optim, self.iteration0 + self.cursor + i + 1))
+                set_lr(self.opt, inverse_lr(self.cfg.optim, self.iteration0 + self.cursor + done + 1))
             loss, hits = self.step(idx)
             loss_sum += loss
             correct += hits
-            step_ms[i] = straggle(self.slow, t0, self.device)
-        self.cursor += len(todo)
-        samples = len(todo) * self.cfg.run.batch_size
+            step_ms[done] = straggle(self.slow, t0, self.device)
+            done += 1
+            t0 = clock(self.device)
+        self.cursor += done
+        samples = done * self.cfg.run.batch_size
         moved, self.comm_bytes = self.comm_bytes, 0
-        return {"loss_sum": float(loss_sum) * self.cfg.run.batch_size, "correct": float(correct),
-                "samples": samples, "step_ms": step_ms[: len(todo)], "rank": self.ctx.rank, "comm_bytes": moved}
+        out = {"loss_sum": float(loss_sum) * self.cfg.run.batch_size, "correct": float(correct),
+               "samples": samples, "step_ms": step_ms[:done], "rank": self.ctx.rank, "comm_bytes": moved}
+        if self.stream is not None:
+            out["wait_ms"] = self.stream.take_wait_ms()
+        return out
 
     def step(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """One synchronous step on training examples ``idx``: loss and correct count (regression:
@@ -192,8 +218,11 @@ class Replica:
             max_norm_(self.params, self.cfg.optim.max_norm)
         return loss, hits
 
-    def batch(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """Training examples ``idx`` as (images, labels) on this replica's device."""
+    def batch(self, idx) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training examples ``idx`` as (images, labels) on this replica's device; a streamed
+        batch arrives as that pair already."""
+        if isinstance(idx, tuple):
+            return idx
         if self._inputs is None or self._inputs.data is not self.data:
             self._inputs = Inputs(self.data, self.device, self.cfg.resources.data_on_device,
                                   self.ctx.num_gpus)
@@ -214,8 +243,15 @@ class Replica:
         return loss.detach(), self.objective.score(out.detach(), y)
 
     # -- evaluation and state ----------------------------------------------------------------
-    def evaluate(self, split: str = "test") -> dict:
-        """Summed loss and softmax probabilities on this rank's contiguous slice of ``split``."""
+    def evaluate(self, split: str = "test", shard=None) -> dict:
+        """Summed loss and softmax probabilities on this rank's contiguous slice of ``split``; with
+        ``shard`` (streamed data), on that share of it, with its labels."""
+        if shard is not None:
+            from ray_train.worker.stream import evaluate_shard
+
+            loss_sum, probs, labels = evaluate_shard(self.model, self.data, shard,
+                                                     self.objective, self.device)
+            return {"start": self.ctx.rank, "loss_sum": loss_sum, "probs": probs, "labels": labels}
         x, y = getattr(self.data, f"x_{split}"), getattr(self.data, f"y_{split}")
         idx = eval_shard(len(y), self.ctx.world_size, self.ctx.rank)
         lo, hi = (int(idx[0]), int(idx[-1]) + 1) if len(idx) else (0, 0)

@@ -7,6 +7,7 @@ from ray_train.strategies.ensemble.config import EnsembleConfig, member_config, 
 
 class Ensemble(Strategy):
     name = "ensemble"
+    streams = True
     summary = "a voting ensemble: K members (each a sync group) trained side by side, combined by majority vote"
     runner = "ray_train.strategies.ensemble.runner:run_ensemble"
     section = EnsembleConfig

@@ -139,6 +139,14 @@ def run_ensemble(job) -> dict:
     stages = cfg.pipeline.stages
     check_resources(res, stages=stages)
     slots = concurrent_slots(res, len(specs), stages=stages)
+    streamed = getattr(data, "streamed", False)
+    if streamed:  # Ray Data's reading tasks keep a CPU the members' replicas do not take
+        import math
+
+        import ray
+
+        spare = float(ray.cluster_resources().get("CPU", 0.0)) - 1.0
+        slots = max(1, min(slots, math.floor(spare / (res.replicas * stages * res.cpus_per_replica) + 1e-9)))
     models = ", ".join(sorted({s.model for s in specs}))
     per = f"{stages} stages x " if stages > 1 else ""
     sink.say(f"ensemble: {len(specs)} members ({models}), each {res.replicas} replica(s) x {per}{res.cpus_per_replica:g} "
@@ -154,12 +162,13 @@ def run_ensemble(job) -> dict:
     if weights.sum() <= 0:
         raise UserError("ensemble: every member left with a vote has weight 0; nothing to vote with")
     members = [member_summary(r) for r in results]
-    if data.regression:
+    if getattr(data, "regression", False):
         return averaged(cfg, data, sink, run_dir, results, ok, weights, members, warnings, train_s, slots, res)
-    report = vote_report(np.stack([r.summary.evaluation.probs for r in ok]), weights, data.y_test)
-    log_ensemble(sink, data, report, ok, cfg.run.epochs)
+    y = test_labels(data, ok)
+    report = vote_report(np.stack([r.summary.evaluation.probs for r in ok]), weights, y)
+    log_ensemble(sink, data, y, report, ok, cfg.run.epochs)
     persist(run_dir, data, results, weights)
-    print_report(sink.out, data.y_test, members, report, warnings)
+    print_report(sink.out, y, members, report, warnings)
     samples = sum(r.summary.train_samples for r in ok)
     reasons = sorted({r.summary.stopped for r in ok})
     return {"test_accuracy": report["vote_accuracy"], "test_errors": report["vote_errors"],
@@ -235,15 +244,25 @@ def member_summary(r: MemberResult) -> dict:
             "resumed_from_epochs": [f["restarted_from_epoch"] for f in r.failures], "error": r.error or None}
 
 
-def log_ensemble(sink, data, report: dict, ok: list[MemberResult], step: int) -> None:
-    y = data.y_test
+def test_labels(data, ok: list[MemberResult]) -> np.ndarray:
+    """The test labels in the order the members' probabilities are: a streamed test split comes
+    back in the order its shards were read, the same for every member (docs/data.md)."""
+    labels = [r.summary.evaluation.labels for r in ok]
+    if labels[0] is None:
+        return data.y_test
+    if any(len(l) != len(labels[0]) or (l != labels[0]).any() for l in labels[1:]):
+        raise RuntimeError("ensemble: the members read the streamed test split in different orders; cannot vote")
+    return labels[0]
+
+
+def log_ensemble(sink, data, y: np.ndarray, report: dict, ok: list[MemberResult], step: int) -> None:
     for key in ("vote_accuracy", "vote_errors", "soft_vote_accuracy", "soft_vote_errors", "oracle_accuracy",
                 "member_mean_accuracy", "member_mean_errors", "member_best_errors", "mean_disagreement"):
         sink.scalar(f"ensemble/{key}", report[key], step)
     sink.scalar("ensemble/members_voting", len(ok), step)
     votes = np.stack([r.summary.evaluation.preds for r in ok])
     wrong = np.flatnonzero(report["vote_preds"] != y)[:MAX_GRID]
-    if len(wrong) and is_image(data.x_test):
+    if len(wrong) and not getattr(data, "streamed", False) and is_image(data.x_test):
         sink.image("ensemble/vote_errors", error_grid(data.x_test[wrong], y[wrong], report["vote_preds"][wrong],
                                                       votes[:, wrong]), step)
     sink.confusion(y, report["vote_preds"], data.num_classes, step)

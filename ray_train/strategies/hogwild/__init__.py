@@ -6,6 +6,7 @@ from ray_train.strategies.base import Strategy
 
 class Hogwild(Strategy):
     name = "hogwild"
+    streams = True
     summary = "Hogwild: replicas on one node update one shared-memory parameter vector without locks"
     engine = "ray_train.strategies.hogwild.engine:HogwildEngine"
     compared = False

@@ -8,6 +8,7 @@ from ray_train.strategies.local.config import OUTER_OPTIMIZERS, LocalConfig
 
 class Local(Strategy):
     name = "local"
+    streams = True
     summary = "model averaging: replicas train alone and mix parameters every H steps (local SGD, DiLoCo, EASGD)"
     engine = "ray_train.strategies.local.engine:LocalEngine"
     section = LocalConfig

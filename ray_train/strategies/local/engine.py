@@ -97,9 +97,9 @@ class LocalReplica(Replica):
         finally:
             self.flat.copy_(own)
 
-    def evaluate(self, split: str = "test") -> dict:
+    def evaluate(self, split: str = "test", shard=None) -> dict:
         with self.centred():
-            return super().evaluate(split)
+            return super().evaluate(split, shard)
 
     def weights(self):
         with self.centred():

@@ -6,6 +6,7 @@ from ray_train.strategies.base import Strategy
 
 class Sync(Strategy):
     name = "sync"
+    streams = True
     summary = "synchronous data-parallel SGD: gradients averaged among the replicas every step"
     engine = "ray_train.strategies.sync.engine:SyncEngine"
     pipelined = True

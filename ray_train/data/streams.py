@@ -1,0 +1,157 @@
+"""Training data that Ray Data streams to the replicas instead of one array the driver loads whole
+(docs/data.md). ``StreamData`` holds the lazy ray.data Datasets of each split and what the driver
+may know without reading the inputs: the labels (small, read from file names or one column), the
+classes, the input shape and two test inputs for the model check.
+
+Every epoch the driver cuts the training split afresh: its blocks in a seeded random order
+(``randomize_block_order``), then ``streaming_split(n, equal=True)`` into one shard per replica
+(equal rows, so equal steps), with the replicas' nodes as locality hints. The replica iterates
+its shard with a seeded local shuffle buffer and prefetching (ray_train/worker/stream.py). With
+``preserve_order`` set, blocks reach the splitter in the same order every time, so the shards and
+batches of an epoch depend only on the seed and the epoch: a run is repeatable and a resumed run
+continues with the same shuffles.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from ray_train.errors import DataError
+from ray_train.worker.stream import epoch_seed, inputs_of
+
+# Ray Data reads this at import (driver) and in every worker the local cluster starts from this
+# environment: its INFO lines ("Starting execution of Dataset ...") are no output the user asked for.
+os.environ.setdefault("RAY_DATA_LOG_LEVEL", "ERROR")
+
+def quiet_context():
+    """Ray Data's context for every run: no progress bars, blocks in a repeatable order."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.enable_operator_progress_bars = False
+    ctx.print_on_execution_start = False
+    ctx.execution_options.preserve_order = True
+    ctx.execution_options.verbose_progress = False
+    return ctx
+
+
+@dataclass(frozen=True)
+class Streams:
+    """Ray Data datasets handed to ``ray_train.fit(data=...)``: ``train``, ``test`` and optionally
+    ``val``, each with a ``feature`` column (an image [H, W, C] / [H, W] / [C, H, W], or numbers of
+    any shape) and an integer ``label`` column. ``transform`` (every split) and ``train_transform``
+    (training batches only, after ``transform``: augmentation) take and return a batch as a dict
+    of numpy arrays, as Ray Data's ``map_batches`` gives it; they run in the replicas."""
+
+    train: Any
+    test: Any
+    val: Any = None
+    feature: str = "x"
+    label: str = "y"
+    transform: Callable | None = None
+    train_transform: Callable | None = None
+    classes: tuple[str, ...] | None = None
+    name: str = "ray.data"
+
+
+@dataclass
+class StreamData:
+    """A dataset Ray Data streams; it answers the questions the run asks of an in-memory
+    ``Dataset`` (labels, classes, input shape) without holding the inputs."""
+
+    name: str
+    splits: dict  # "train", "test" and maybe "val": lazy ray.data Datasets
+    feature: str
+    label: str | None  # None: the label comes from the image's folder (``path`` column)
+    y_train: np.ndarray
+    y_test: np.ndarray
+    y_val: np.ndarray | None
+    input_shape: tuple[int, ...]
+    head: np.ndarray  # two test inputs as the replicas see them before transforms, [2, ...]
+    num_classes: int
+    classes: tuple[str, ...] | None = None
+    layout: str = "array"  # "hwc": images as read ([H, W, C] or [H, W]) go to [C, H, W]
+    transform: Callable | None = None
+    train_transform: Callable | None = None
+    standardize: dict | None = None
+    expand: bool = False
+    shuffle_buffer: int = 1000
+    streamed: bool = field(default=True, init=False)
+
+    @property
+    def has_validation(self) -> bool:
+        return self.y_val is not None
+
+    def head_inputs(self) -> np.ndarray:
+        return self.head
+
+    # -- the driver cuts, the replicas read -------------------------------------------------
+    def train_shards(self, seed: int, epoch: int, n: int, hints: list[str] | None) -> list:
+        """This epoch's shard of the training split for each of ``n`` replicas (DataIterators)."""
+        from ray.data import RandomSeedConfig
+
+        quiet_context()
+        ds = self.splits["train"].randomize_block_order(
+            seed=RandomSeedConfig(seed=epoch_seed(seed, epoch), reseed_after_execution=False))
+        return ds.streaming_split(n, equal=True, locality_hints=_hints(hints, n))
+
+    def eval_shards(self, split: str, n: int, hints: list[str] | None) -> list:
+        """``split`` cut among ``n`` replicas (every row once); the iterators can be read again."""
+        quiet_context()
+        if n == 1:
+            return [self.splits[split].iterator()]
+        return self.splits[split].streaming_split(n, equal=False, locality_hints=_hints(hints, n))
+
+    def check_cpus(self, replica_cpus: float) -> None:
+        """Ray Data's reading tasks need CPUs the replicas leave free."""
+        import ray
+
+        from ray_train.errors import ResourceError
+
+        total = float(ray.cluster_resources().get("CPU", 0.0))
+        if total - replica_cpus < 1.0:
+            raise ResourceError(f"data.dataset: a streamed dataset needs at least 1 CPU that the replicas leave free "
+                                f"for Ray Data's reading tasks; the cluster has {total:g} CPUs and the replicas take "
+                                f"{replica_cpus:g}: lower --cpus-per-replica (e.g. 0.5) or --replicas")
+
+
+def _hints(hints: list[str] | None, n: int) -> list[str] | None:
+    return list(hints) if hints and len(hints) == n and len(set(hints)) > 1 else None
+
+
+def labels_array(name: str, values) -> np.ndarray:
+    """Integer class labels or a DataError naming where they came from."""
+    y = np.asarray(values)
+    if y.dtype == object or not (np.issubdtype(y.dtype, np.integer) or np.issubdtype(y.dtype, np.floating)) \
+            or y.dtype == np.bool_:
+        raise DataError(f"{name}: labels must be integers 0 .. classes - 1, got {y.dtype} values")
+    if np.issubdtype(y.dtype, np.floating):
+        if not (np.isfinite(y).all() and (y == np.round(y)).all()):
+            raise DataError(f"{name}: labels must be integers 0 .. classes - 1, got non-integer floats")
+    y = y.astype(np.int64)
+    if len(y) and y.min() < 0:
+        raise DataError(f"{name}: label {int(y.min())} is negative; labels are 0 .. classes - 1")
+    return y
+
+
+def standardized(data: StreamData) -> StreamData:
+    """Mean and deviation per input element from one pass over the training split (streamed
+    through the driver, never held whole), as the in-memory ``standardized`` computes them."""
+    import dataclasses
+
+    quiet_context()
+    total, squares, n = None, None, 0
+    for batch in data.splits["train"].iter_batches(batch_size=1024, batch_format="numpy"):
+        raw = inputs_of(data, batch)
+        x = raw.astype(np.float64) / (255.0 if raw.dtype == np.uint8 else 1.0)
+        total = x.sum(0) if total is None else total + x.sum(0)
+        squares = (x * x).sum(0) if squares is None else squares + (x * x).sum(0)
+        n += len(x)
+    mean = total / n
+    std = np.sqrt(np.maximum(squares / n - mean * mean, 0.0)).astype(np.float32)
+    std[std < 1e-6] = 1.0
+    return dataclasses.replace(data, standardize={"mean": mean.astype(np.float32), "std": std})

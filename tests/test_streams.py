@@ -1,0 +1,251 @@
+"""Streamed data (issue 20, docs/data.md): an image folder and parquet files the tests write,
+ray.data datasets handed to fit, trained by the strategies that stream; the streamed run against
+the in-memory run of the same images; resume at an epoch boundary; every bad input one line.
+
+Ray Data starts slowly: the runs are few, tiny (3 classes of 16x16 PNG) and shared through
+module fixtures. Replicas take 0.5 CPU so that Ray Data's reading tasks get the rest."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from ray_train.cli import main
+from tests.conftest import one_line_error
+
+CLASSES = ("circle", "square", "stripe")
+PER_CLASS = {"train": 32, "test": 8}
+COMMON = ["--model", "mlp30", "--batch-size", "8", "--replicas", "2", "--cpus-per-replica", "0.5", "--lr", "0.1",
+          "--seed", "3", "--no-progress", "--no-tensorboard"]
+
+
+def _image(c: int, rng) -> np.ndarray:
+    img = (rng.random((16, 16)) * 60).astype(np.uint8)
+    if c == 0:
+        img[4:12, 4:12] += 150
+    elif c == 1:
+        img[:, :5] += 150
+    else:
+        img[::3] += 150
+    return img
+
+
+def write_images(root, per_class=PER_CLASS, seed=0) -> dict:
+    """DIR/<split>/<class>/<i>.png; returns the same images as arrays {split: (x [N,1,16,16], y)}
+    in the order the folder sorts them."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for split, k in per_class.items():
+        xs, ys = [], []
+        for c, name in enumerate(CLASSES):
+            os.makedirs(root / split / name, exist_ok=True)
+            for i in range(k):
+                img = _image(c, rng)
+                Image.fromarray(img).save(root / split / name / f"{i:03d}.png")
+                xs.append(img[None])
+                ys.append(c)
+        arrays[split] = (np.stack(xs), np.array(ys, dtype=np.int64))
+    return arrays
+
+
+def write_parquet(path, arrays: dict, label_type=None):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = {"x": [], "y": [], "split": []}
+    for split, (x, y) in arrays.items():
+        rows["x"] += [v.astype(np.float32).ravel() / 255 for v in x]
+        rows["y"] += list(y)
+        rows["split"] += [split] * len(y)
+    y = pa.array(rows["y"], type=label_type) if label_type else pa.array(rows["y"])
+    pq.write_table(pa.table({"x": pa.array([list(v) for v in rows["x"]], type=pa.list_(pa.float32())), "y": y,
+                             "split": rows["split"]}), path)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("images")
+    return root, write_images(root)
+
+
+def _fit_cli(storage, name, *args):
+    assert main([*COMMON, "--storage", str(storage), "--run-name", name, *args]) == 0
+    return json.loads((storage / name / "summary.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def sync_run(ray_cluster, folder, tmp_path_factory):
+    storage = tmp_path_factory.mktemp("runs")
+    summary = _fit_cli(storage, "straight", "--dataset", f"images:{folder[0]}", "--epochs", "2")
+    return storage, summary
+
+
+def test_image_folder_trains_with_sync_and_keeps_the_classes(sync_run):
+    storage, summary = sync_run
+    assert summary["test_accuracy"] >= 0.8, summary["test_accuracy"]
+    assert summary["steps"] == 2 * (3 * 32 // 2 // 8)  # equal steps per replica: 48 rows each, batch 8
+    assert json.loads((storage / "straight" / "classes.json").read_text()) == list(CLASSES)
+    model = torch.load(storage / "straight" / "model.pt", map_location="cpu", weights_only=True)
+    assert model["classes"] == list(CLASSES) and model["input_shape"] == [1, 16, 16]
+
+
+@pytest.mark.parametrize("strategy", ["local", "hogwild"])
+def test_image_folder_trains_with_the_other_streaming_strategies(ray_cluster, folder, tmp_path, strategy):
+    summary = _fit_cli(tmp_path, strategy, "--dataset", f"images:{folder[0]}", "--epochs", "2", "--strategy", strategy)
+    assert summary["test_accuracy"] >= 0.6, (strategy, summary["test_accuracy"])
+
+
+def test_image_folder_trains_an_ensemble_with_online_bagging(ray_cluster, folder, tmp_path):
+    summary = _fit_cli(tmp_path, "ens", "--dataset", f"images:{folder[0]}", "--epochs", "2", "--strategy", "ensemble",
+                       "--members", "2", "--replicas-per-member", "1", "--bagging")
+    assert summary["vote_accuracy"] >= 0.6, summary["vote_accuracy"]
+    assert len(summary["members"]) == 2 and all(m["status"] == "ok" for m in summary["members"])
+
+
+def test_streamed_run_is_as_accurate_as_the_in_memory_run(sync_run, folder, tmp_path):
+    """The same images, seed and job from an .npz (in memory): the streamed run is no worse than
+    one point below it (one-sided: the two shuffle differently)."""
+    arrays = folder[1]
+    npz = tmp_path / "same.npz"
+    np.savez(npz, x_train=arrays["train"][0], y_train=arrays["train"][1], x_test=arrays["test"][0],
+             y_test=arrays["test"][1])
+    in_memory = _fit_cli(tmp_path, "in-memory", "--dataset", f"npz:{npz}", "--epochs", "2", "--validation", "0")
+    assert sync_run[1]["test_accuracy"] >= in_memory["test_accuracy"] - 0.01
+
+
+def test_resume_at_an_epoch_boundary_equals_the_uninterrupted_run(sync_run, folder):
+    storage, _ = sync_run
+    _fit_cli(storage, "resumed", "--dataset", f"images:{folder[0]}", "--epochs", "1")
+    assert main(["--resume", str(storage / "resumed"), "--epochs", "2", "--no-progress", "--no-tensorboard"]) == 0
+    a, b = (torch.load(storage / name / "model-last.pt", map_location="cpu", weights_only=True)["model"]
+            for name in ("straight", "resumed"))
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
+
+
+def test_parquet_with_a_split_column_trains_with_sync(ray_cluster, folder, tmp_path):
+    path = tmp_path / "table.parquet"
+    write_parquet(path, folder[1])
+    summary = _fit_cli(tmp_path, "pq", "--dataset", f"parquet:{path}", "--split-column", "split", "--epochs", "2")
+    assert summary["test_accuracy"] >= 0.8, summary["test_accuracy"]
+
+
+def test_fit_takes_ray_data_datasets_with_a_transform(ray_cluster, folder, tmp_path):
+    import ray.data
+
+    import ray_train
+
+    (x, y), (xt, yt) = folder[1]["train"], folder[1]["test"]
+    seen = []
+
+    def scale(batch):  # every split: uint8 pixels to floats in [0, 1]
+        return {**batch, "x": batch["x"].astype(np.float32) / 255}
+
+    def jitter(batch):  # training only
+        seen.append(len(batch["x"]))
+        return batch
+
+    train = ray.data.from_items([{"x": v, "y": int(c)} for v, c in zip(x, y)])
+    test = ray.data.from_numpy(xt).zip(ray.data.from_numpy(yt)).rename_columns({"data": "x", "data_1": "y"})
+    data = ray_train.Streams(train, test, transform=scale, train_transform=jitter)
+    summary = ray_train.fit({"run": {"epochs": 2, "batch_size": 8, "storage": str(tmp_path), "seed": 3},
+                             "resources": {"replicas": 2, "cpus_per_replica": 0.5}, "optim": {"lr": 0.1}},
+                            model="mlp30", data=data, tensorboard=False, progress=False)
+    assert summary["test_accuracy"] >= 0.8, summary["test_accuracy"]
+    assert summary["dataset"] == "ray.data"
+
+
+def test_strategies_that_cannot_stream_say_so_in_one_line(ray_cluster, folder, capsys, tmp_path):
+    err = one_line_error(capsys, ["--dataset", f"images:{folder[0]}", "--strategy", "async", "--storage",
+                                  str(tmp_path), "--no-progress"])
+    assert "cannot train on a streamed dataset" in err and "sync" in err
+    assert not any(tmp_path.iterdir())
+
+
+# -- bad input: one line, exit 2, no run folder ------------------------------------------------
+def _bad(root, name):
+    """A copy of a small image folder with one thing broken."""
+    from PIL import Image
+
+    write_images(root, {"train": 2, "test": 1})
+    if name == "no-test":
+        for c in CLASSES:
+            for f in (root / "test" / c).iterdir():
+                f.unlink()
+            (root / "test" / c).rmdir()
+        (root / "test").rmdir()
+    elif name == "empty-class":
+        for f in (root / "train" / "square").iterdir():
+            f.unlink()
+    elif name == "corrupt":
+        (root / "train" / "circle" / "001.png").write_bytes(b"\x89PNG not really")
+    elif name == "sizes":
+        Image.fromarray(np.zeros((20, 16), np.uint8)).save(root / "train" / "stripe" / "009.png")
+    elif name == "unseen":
+        (root / "test" / "triangle").mkdir()
+        Image.fromarray(np.zeros((16, 16), np.uint8)).save(root / "test" / "triangle" / "0.png")
+    return root
+
+
+@pytest.mark.parametrize("case, needle", [
+    ("missing", "folder not found"), ("no-test", "no test/ folder"), ("empty-class", "an empty class folder"),
+    ("corrupt", "001.png: not a readable PNG or JPEG image"), ("sizes", "give --image-size H,W"),
+    ("unseen", "class 'triangle' is not among the training classes"),
+])
+def test_bad_image_folders_are_one_line_errors(ray_cluster, tmp_path, capsys, case, needle):
+    root = tmp_path / "missing" if case == "missing" else _bad(tmp_path / "data", case)
+    storage = tmp_path / "runs"
+    err = one_line_error(capsys, ["--dataset", f"images:{root}", "--storage", str(storage), "--no-progress"])
+    assert needle in err, err
+    assert not storage.exists()
+
+
+def test_mixed_sizes_train_with_image_size(ray_cluster, tmp_path):
+    from ray_train.config import build_config
+    from ray_train.data.loaders import load_dataset
+
+    root = _bad(tmp_path / "data", "sizes")
+    data = load_dataset(build_config(overrides={"data": {"dataset": f"images:{root}", "image_size": "8,12"}}).data)
+    assert data.input_shape == (1, 8, 12) and data.head_inputs().shape == (2, 1, 8, 12)
+
+
+@pytest.mark.parametrize("case, args, needle", [
+    ("columns", ["--feature-column", "pixels"], "no feature column 'pixels'; the columns are x, y, split"),
+    ("floats", [], "labels must be integers"),
+    ("no-test", ["--split-column", "part"], "no split column 'part'"),
+])
+def test_bad_parquet_is_one_line_errors(ray_cluster, folder, tmp_path, capsys, case, args, needle):
+    import pyarrow as pa
+
+    path = tmp_path / "t.parquet"
+    small = {s: (x[::8], y[::8]) for s, (x, y) in folder[1].items()}
+    write_parquet(path, small, label_type=pa.float64() if case == "floats" else None)
+    if case == "floats":  # 0.5 is no class
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path)
+        pq.write_table(table.set_column(1, "y", pa.array([0.5] * table.num_rows)), path)
+    storage = tmp_path / "runs"
+    argv = ["--dataset", f"parquet:{path}", *(args or ["--split-column", "split"]), "--storage", str(storage),
+            "--no-progress"]
+    err = one_line_error(capsys, argv)
+    assert needle in err, err
+    assert not storage.exists()
+
+
+def test_online_bagging_repeats_each_streamed_example_by_a_seeded_poisson_draw():
+    from ray_train.strategies.ensemble.member import EnsembleMember
+
+    member = object.__new__(EnsembleMember)  # only what batch() reads
+    member.poisson = True
+    x, y = torch.arange(64.0).reshape(64, 1), torch.arange(64)
+    draws = []
+    for seed in (0, 0, 1):
+        member.weights_rng = np.random.default_rng(seed)
+        bx, by = member.batch((x, y))
+        want = np.random.default_rng(seed).poisson(1.0, 64)
+        assert by.tolist() == np.repeat(np.arange(64), want).tolist() and torch.equal(bx[:, 0].long(), by)
+        draws.append(by.tolist())
+    assert draws[0] == draws[1] != draws[2]  # seeded: the same member repeats, another differs
