@@ -89,7 +89,7 @@ def test_image_folder_trains_with_sync_and_keeps_the_classes(sync_run):
     assert summary["steps"] == 2 * (3 * 32 // 2 // 8)  # equal steps per replica: 48 rows each, batch 8
     assert json.loads((storage / "straight" / "classes.json").read_text()) == list(CLASSES)
     model = torch.load(storage / "straight" / "model.pt", map_location="cpu", weights_only=True)
-    assert model["classes"] == list(CLASSES) and model["input_shape"] == [1, 16, 16]
+    assert model["class_names"] == list(CLASSES) and model["input_shape"] == [1, 16, 16]
 
 
 @pytest.mark.parametrize("strategy", ["local", "hogwild"])

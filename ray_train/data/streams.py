@@ -81,10 +81,17 @@ class StreamData:
     expand: bool = False
     shuffle_buffer: int = 1000
     streamed: bool = field(default=True, init=False)
+    # a stream's labels are integer classes (regression takes in-memory arrays: docs/data.md)
+    regression: bool = field(default=False, init=False)
+    target_shape: tuple = field(default=(), init=False)
 
     @property
     def has_validation(self) -> bool:
         return self.y_val is not None
+
+    @property
+    def class_names(self) -> tuple[str, ...] | None:
+        return self.classes
 
     def head_inputs(self) -> np.ndarray:
         return self.head
