@@ -177,7 +177,8 @@ def importing_meanwhile(modules: tuple[str, ...], work) -> None:
 # it starts (the processes it starts inherit the environment; a value already set is kept): the
 # autoscaler monitor's update (a fixed local cluster never scales), the dashboard agent's
 # per-process stats (psutil over every process every 5 s) and the core workers' metrics export.
-# On a 2-core machine they took ~20% of a run's CPU time besides the replicas (docs/benchmarks.md).
+# Measured over a CLI run's training on 2 cores: Ray's daemons took 0.22 CPU s per replica CPU s
+# with Ray's defaults, 0.15 with these (docs/benchmarks.md, scripts/profile_cli.py).
 QUIET_LOCAL_CLUSTER = {
     "AUTOSCALER_UPDATE_INTERVAL_S": "60",
     "REPORTER_UPDATE_INTERVAL_MS": "60000",
