@@ -126,7 +126,9 @@ def local_resources(address: str | None, num_cpus: int | None = None) -> dict | 
     ray = sys.modules.get("ray")
     if target != "local" or (ray is not None and ray.is_initialized()):
         return None
-    return {"CPU": float(num_cpus if num_cpus is not None else _cpu_count()), "GPU": float(_gpu_count())}
+    gpus = _gpu_count()  # None: not known here (Ray's own check after its start still applies)
+    return {"CPU": float(num_cpus if num_cpus is not None else _cpu_count()),
+            **({"GPU": float(gpus)} if gpus is not None else {})}
 
 
 def _cpu_count() -> int:
@@ -136,16 +138,19 @@ def _cpu_count() -> int:
         return os.cpu_count() or 1
 
 
-def _gpu_count() -> int:
+def _gpu_count() -> int | None:
     """NVIDIA GPUs this process may use, as Ray would count them: CUDA_VISIBLE_DEVICES if set, else
-    the driver's /proc listing (no CUDA context, no nvidia-smi)."""
+    the driver's /proc listing (no CUDA context, no nvidia-smi); 0 on a machine without the NVIDIA
+    driver, None where the driver is loaded but lists nothing readable here."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None:
         return len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"])
+    if not os.path.exists("/proc/driver/nvidia"):
+        return 0 if not os.path.exists("/dev/nvidiactl") else None
     try:
         return len(os.listdir("/proc/driver/nvidia/gpus"))
     except OSError:
-        return 0
+        return None
 
 
 def importing_meanwhile(modules: tuple[str, ...], work) -> None:
@@ -177,7 +182,8 @@ def importing_meanwhile(modules: tuple[str, ...], work) -> None:
 # it starts (the processes it starts inherit the environment; a value already set is kept): the
 # autoscaler monitor's update (a fixed local cluster never scales), the dashboard agent's
 # per-process stats (psutil over every process every 5 s) and the core workers' metrics export.
-# On a 2-core machine they took ~20% of a run's CPU time besides the replicas (docs/benchmarks.md).
+# Measured over a CLI run's training on 2 cores: Ray's daemons took 0.22 CPU s per replica CPU s
+# with Ray's defaults, 0.15 with these (docs/benchmarks.md, scripts/profile_cli.py).
 QUIET_LOCAL_CLUSTER = {
     "AUTOSCALER_UPDATE_INTERVAL_S": "60",
     "REPORTER_UPDATE_INTERVAL_MS": "60000",
@@ -224,6 +230,8 @@ def check_resources(res, count: int | None = None, shards: int = 0, shard_cpus: 
     extra = shards * shard_cpus
     asks = {"CPU": count * res.cpus_per_replica + extra, "GPU": count * res.gpus_per_replica}
     for kind, asked in asks.items():
+        if kind not in total and where == "this machine has":
+            continue  # not known before Ray starts: Ray's own count decides
         have = total.get(kind, 0.0)
         if asked > have + 1e-9:
             per = res.cpus_per_replica if kind == "CPU" else res.gpus_per_replica

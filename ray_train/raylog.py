@@ -54,6 +54,30 @@ class RayLog:
 LOG = RayLog()
 
 
+class Stream:
+    """A file-like object writing to the log: for what a library prints itself (Ray Tune's banners
+    and tables), under contextlib.redirect_stdout."""
+
+    def __init__(self) -> None:
+        self.pending = ""
+
+    def write(self, text: str) -> int:
+        self.pending += text
+        *lines, self.pending = self.pending.split("\n")
+        for line in lines:
+            if line.strip():
+                LOG.write(line)
+        return len(text)
+
+    def flush(self) -> None:
+        if self.pending.strip():
+            LOG.write(self.pending)
+        self.pending = ""
+
+    def isatty(self) -> bool:
+        return False
+
+
 class _Handler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         try:

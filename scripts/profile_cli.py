@@ -14,9 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -24,7 +26,7 @@ TICK = os.sysconf("SC_CLK_TCK")
 ROLES = (("gcs_server", "gcs_server"), ("raylet/raylet", "raylet"), ("monitor.py", "autoscaler monitor"),
          ("dashboard/dashboard.py", "dashboard"), ("log_monitor.py", "log monitor"),
          ("dashboard/agent.py", "dashboard agent"), ("runtime_env/agent", "runtime env agent"),
-         ("ray::Replica", "replicas"), ("ray::IDLE", "idle workers"), ("default_worker.py", "other workers"))
+         ("ray::Replica", "replicas"), ("ray::IDLE", "idle workers"), ("default_worker.py", "workers"))
 
 
 def children() -> dict[int, list[int]]:
@@ -60,8 +62,19 @@ def cpu_and_role(pid: int, driver: int) -> tuple[float, str] | None:
     seconds = (int(fields[11]) + int(fields[12])) / TICK  # utime + stime
     if pid == driver:
         return seconds, "driver"
-    role = next((name for needle, name in ROLES if needle in cmd), cmd.split(" ")[0].rsplit("/", 1)[-1] or "other")
+    # a worker whose title Ray has not set (or reset) is a worker all the same: the replicas, mostly
+    role = next((name for needle, name in ROLES if needle in cmd), cmd.split(" ")[0].rsplit("/", 1)[-1] or "workers")
     return seconds, role
+
+
+TRAINING_STARTS = re.compile(r"^[\w ()-]+: \d+ replicas? on ")  # the strategy's describe line
+
+
+def by_role(cpu: dict[int, tuple[float, str]]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for seconds, role in cpu.values():
+        out[role] = out.get(role, 0.0) + seconds
+    return out
 
 
 def main() -> None:
@@ -76,18 +89,34 @@ def main() -> None:
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "ray_train", *args, "--storage", storage, "--run-name", "run"],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    marks: dict[str, dict[int, tuple[float, str]]] = {}
+
+    def snapshot() -> dict[int, tuple[float, str]]:
+        return {pid: got for pid in descendants(proc.pid) if (got := cpu_and_role(pid, proc.pid)) is not None}
+
+    def read() -> None:  # the run's lines as they come: the training window opens and closes on them
+        for line in proc.stdout:
+            lines.append(line.rstrip("\n"))
+            if TRAINING_STARTS.search(line) and "start" not in marks:
+                marks["start"] = snapshot()
+            if line.startswith(("best validation accuracy", "done:")) and "end" not in marks:
+                marks["end"] = snapshot()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
     last: dict[int, tuple[float, str]] = {}
     while proc.poll() is None:
-        for pid in descendants(proc.pid):
-            got = cpu_and_role(pid, proc.pid)
-            if got is not None:
-                last[pid] = got  # CPU seconds only grow: the last sample of a process is its total
+        last.update(snapshot())  # CPU seconds only grow: the last sample of a process is its total
         time.sleep(a.every)
+    reader.join()
     wall = time.perf_counter() - t0
-    output = proc.stdout.read()
-    per_role: dict[str, float] = {}
-    for seconds, role in last.values():
-        per_role[role] = per_role.get(role, 0.0) + seconds
+    output = "\n".join(lines)
+    per_role = by_role(last)
+    window = {}
+    if "start" in marks and "end" in marks:
+        start = marks["start"]
+        window = by_role({pid: (sec - start.get(pid, (0.0, role))[0], role) for pid, (sec, role) in marks["end"].items()})
     total = sum(per_role.values())
     summary = {}
     try:
@@ -95,7 +124,11 @@ def main() -> None:
             summary = json.load(fh)
     except OSError:
         pass
+    replicas = window.get("replicas", 0.0) + window.get("workers", 0.0)
     print(json.dumps({"command": "python -m ray_train " + " ".join(args), "status": proc.returncode,
+                      "training_window_cpu_s": {k: round(v, 2) for k, v in sorted(window.items(), key=lambda kv: -kv[1])},
+                      "training_window_cpu_per_replica_cpu_s": {k: round(v / replicas, 3) for k, v in window.items()
+                                                                if replicas and k not in ("replicas", "workers")},
                       "wall_s": round(wall, 1), "train_s": summary.get("train_s"),
                       "samples_per_s": summary.get("samples_per_s"),
                       "cpu_s": {k: round(v, 2) for k, v in sorted(per_role.items(), key=lambda kv: -kv[1])},

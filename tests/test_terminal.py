@@ -52,6 +52,10 @@ def test_more_replicas_than_this_machine_fails_before_ray_starts(capsys, tmp_pat
     line = one_line_error(capsys, ["--replicas", str(int(cpus) + 6), *TINY, "--storage", str(tmp_path)])
     assert f"{int(cpus) + 6} CPU asked, but this machine has {cpus:g} CPU" in line
     assert not os.listdir(tmp_path)  # no run folder either
+    # GPUs are counted without CUDA: here the devices the process may see, none
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    line = one_line_error(capsys, ["--gpus-per-replica", "1", *TINY, "--storage", str(tmp_path)])
+    assert "2 replicas x 1 GPU = 2 GPU asked, but this machine has 0 GPU" in line
 
 
 class DriverOnly:

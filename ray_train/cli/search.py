@@ -15,6 +15,7 @@ values and its seed), which ``python -m ray_train --config best.yaml`` reruns.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import math
 import os
@@ -318,7 +319,14 @@ def run_search(values: dict, overrides: dict, params: list[Param], trials: int, 
                                         scheduler=sched),
             run_config=tune.RunConfig(name="tune", storage_path=os.path.join(search_dir, ".tune"), verbose=0,
                                       callbacks=[JsonLoggerCallback(), CSVLoggerCallback(), progress_lines(out)]))
-        grid_result = tuner.fit()
+        # Tune prints its own banner and tables (verbose=0 leaves some): into ray.log, unless --verbose
+        quiet = raylog.Stream()
+        with contextlib.ExitStack() as stack:
+            if not verbose:
+                stack.enter_context(contextlib.redirect_stdout(quiet))
+                stack.enter_context(contextlib.redirect_stderr(quiet))
+            grid_result = tuner.fit()
+        quiet.flush()
     finally:
         if saved is None:
             os.environ.pop("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", None)
