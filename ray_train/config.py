@@ -373,6 +373,9 @@ def _check_pipeline(self, strategy) -> None:
         takers = [s.name for s in strategies.all_strategies() if s.pipelined]
         raise ConfigError(f"pipeline.stages: run.strategy {strategy.name!r} does not take --stages, "
                           f"--micro-batches or --split-at; {', '.join(takers)} do")
+    if pipe.stages > 1 and self.resources.gpus_per_replica:
+        raise ConfigError("pipeline.stages: stage actors run on CPUs (gloo point-to-point); --gpus-per-replica "
+                          "does not combine with --stages yet")
     if self.run.batch_size % pipe.micro_batches:
         raise ConfigError(f"pipeline.micro_batches: {pipe.micro_batches} does not divide run.batch_size "
                           f"{self.run.batch_size}; pick a divisor of the batch")

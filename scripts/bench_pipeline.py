@@ -172,7 +172,12 @@ def throughput(steps: int = 60, warmup: int = 5) -> dict:
                          "of_bound": ours["samples_per_s"] / single / bound, "bubble_measured": ours["bubble"],
                          "torch_pipelining": theirs,
                          "torch_speedup": theirs / single if isinstance(theirs, float) else None}
+        _progress(schedule, out[schedule])
     return out
+
+
+def _progress(label: str, value) -> None:
+    print(f"[bench_pipeline] {label}: {json.dumps(value, default=float)}", file=sys.stderr, flush=True)
 
 
 def memory(steps: int = 3) -> dict:
@@ -182,6 +187,7 @@ def memory(steps: int = 3) -> dict:
         res = stage_actors(schedule, steps, 1, net=memory_net, stages=stages, cpus=2 / stages / 1.0 if stages > 1 else 1.0,
                            batch=64, micro=8)
         out[f"S{stages}_{schedule}"] = [{k: v for k, v in m.items()} for m in res["memory"]]
+        _progress(f"S{stages}_{schedule}", out[f"S{stages}_{schedule}"])
     return out
 
 
@@ -197,7 +203,7 @@ def bench(steps: int = 60, only=("a", "c")) -> dict:
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=60)
-    p.add_argument("--only", nargs="+", default=["a", "c"], choices=["a", "c"])
+    p.add_argument("--only", nargs="+", default=["a", "c"], choices=["a", "c"], help="a: throughput, c: memory")
     args = p.parse_args()
     from ray_train.cluster import init_ray
 

@@ -162,10 +162,11 @@ def test_a_stage_death_restarts_the_pipelines_from_the_checkpoint(runs):
 @pytest.mark.parametrize("argv, needle", [
     (["--stages", "9"], "--stages: 9 stages, but the network splits into only 5 layers (net.0, net.1"),
     (["--stages", "2", "--split-at", "net.9"], "'net.9' is not a layer of the network; its layers: net.0,"),
+    (["--stages", "2", "--gpus-per-replica", "1"], "--gpus-per-replica does not combine with --stages"),
     (["--stages", "2", "--micro-batches", "5"], "pipeline.micro_batches: 5 does not divide run.batch_size 64"),
     (["--stages", "4", "--replicas", "2"], "2 replicas x 4 stages x 1 CPU = 8 CPU asked, but the cluster has 2 CPU"),
     (["--stages", "2", "--strategy", "hogwild"], "run.strategy 'hogwild' does not take --stages, --micro-batches "
-                                                 "or --split-at; sync, ensemble do"),
+                                                 "or --split-at; sync, async, ensemble do"),
 ])
 def test_bad_pipelines_are_one_line_errors(ray_cluster, capsys, tmp_path, argv, needle):
     line = one_line_error(capsys, ["--model", "mlp30", "--epochs", "1", "--storage", str(tmp_path), *argv])
