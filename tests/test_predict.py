@@ -227,3 +227,6 @@ def test_inputs_are_fitted_to_the_runs_shape_and_pixels_scaled_alike(tmp_path):
     assert ins.names == ["a.png", "flat.npy[0]", "flat.npy[1]"]
     ints = read_inputs([str(tmp_path / "ints.npy")], (3, 2, 2))
     assert ints.x.dtype == np.uint8 and np.array_equal(ints.x[0], img)  # integer pixels are pixels
+    Image.fromarray(np.full((2, 2), 200, np.uint8)).save(tmp_path / "grey.jpg")  # JPEG, grey, to 3 channels
+    jpeg = read_inputs([str(tmp_path / "grey.jpg")], (3, 2, 2))
+    assert jpeg.x.shape == (1, 3, 2, 2) and jpeg.x.dtype == np.uint8 and abs(int(jpeg.x.mean()) - 200) <= 3
