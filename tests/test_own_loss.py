@@ -188,3 +188,6 @@ def test_own_loss_and_regression_under_the_other_strategies(ray_cluster, tmp_pat
     first = summary["history"][0]["train_loss"]
     assert summary["val_loss"] < min(0.1, first / 3), (first, summary["val_loss"])
     assert summary["test_accuracy"] is None and summary["test_mae"] < 0.3
+    # every strategy's model.pt predicts (a callable's run needs the callable: the folder has its weights)
+    result = ray_train.predict(str(tmp_path / "other"), data.x_test, labels=data.y_test, model=linear_net)
+    assert len(result["rows"]) == len(data.y_test) and result["mae"] < 0.3

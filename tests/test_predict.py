@@ -212,3 +212,21 @@ def test_a_run_of_a_python_callable_needs_the_callable(capsys, tmp_path):
     result = ray_train.predict(str(tmp_path / "custom"), x,
                                model=lambda: build_model("mlp30", input_shape=(1, 4, 4), num_classes=2))
     assert len(result["rows"]) == 2
+
+
+def test_inputs_are_fitted_to_the_runs_shape_and_pixels_scaled_alike(tmp_path):
+    from ray_train.run.reload import read_inputs
+
+    img = np.arange(12, dtype=np.uint8).reshape(3, 2, 2) * 20
+    Image.fromarray(img.transpose(1, 2, 0)).save(tmp_path / "a.png")
+    np.save(tmp_path / "flat.npy", np.full((2, 12), 0.5, np.float32))
+    np.save(tmp_path / "ints.npy", img[None].astype(np.int64))
+    ins = read_inputs([str(tmp_path / "a.png"), str(tmp_path / "flat.npy")], (3, 2, 2))
+    assert ins.x.shape == (3, 3, 2, 2) and ins.x.dtype == np.float32 and ins.labels is None
+    assert np.allclose(ins.x[0], img / 255.0) and np.allclose(ins.x[1:], 0.5)  # the PNG's pixels scaled as uint8
+    assert ins.names == ["a.png", "flat.npy[0]", "flat.npy[1]"]
+    ints = read_inputs([str(tmp_path / "ints.npy")], (3, 2, 2))
+    assert ints.x.dtype == np.uint8 and np.array_equal(ints.x[0], img)  # integer pixels are pixels
+    Image.fromarray(np.full((2, 2), 200, np.uint8)).save(tmp_path / "grey.jpg")  # JPEG, grey, to 3 channels
+    jpeg = read_inputs([str(tmp_path / "grey.jpg")], (3, 2, 2))
+    assert jpeg.x.shape == (1, 3, 2, 2) and jpeg.x.dtype == np.uint8 and abs(int(jpeg.x.mean()) - 200) <= 3

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import math
 import os
 import re
@@ -28,7 +27,7 @@ from ray_train import strategies
 from ray_train.cli import exit_status, fail
 from ray_train.cli.flags import (OWN_FLAGS, Parser, add_cluster_flags, add_output_flags, add_training_flags, job_values,
                                  stamp)
-from ray_train.config import SECTIONS, build_config
+from ray_train.config import SECTIONS, build_config, public_fields
 from ray_train.errors import ConfigError, UserError
 from ray_train.run.files import write_json
 
@@ -81,7 +80,7 @@ def parse_param(spec: str) -> Param:
     section, field, kind, body = m.groups()
     if section not in SECTIONS:
         raise UserError(f"--space {spec!r}: unknown section {section!r}; allowed: {', '.join(SECTIONS)}")
-    fields = [f.name for f in dataclasses.fields(SECTIONS[section])]
+    fields = [f.name for f in public_fields(SECTIONS[section])]
     if field not in fields:
         raise UserError(f"--space {spec!r}: {section} has no field {field!r}; allowed: {', '.join(fields)}")
     if f"{section}.{field}" in SET_BY_SEARCH:

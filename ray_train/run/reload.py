@@ -156,7 +156,8 @@ def read_inputs(paths: list[str], input_shape: tuple, class_names: list | None =
     parts = [_read_one(p, input_shape, class_names) for p in paths]
     if not parts:
         raise UserError("no inputs given")
-    xs = [p.x.astype(np.float32) if any(q.x.dtype != np.uint8 for q in parts) else p.x for p in parts]
+    mixed = len({q.x.dtype for q in parts}) > 1  # pixels beside floats: pixels scaled as in training
+    xs = [p.x.astype(np.float32) / 255.0 if mixed and p.x.dtype == np.uint8 else p.x for p in parts]
     have = [p.labels is not None for p in parts]
     labels = np.concatenate([p.labels for p in parts]) if all(have) else None
     return Inputs(np.concatenate(xs), [n for p in parts for n in p.names], labels)
@@ -229,6 +230,8 @@ def fit_shape(x: np.ndarray, shape: tuple, path: str) -> np.ndarray:
                  if len(shape) == 3 else f" or [N, {size}] flattened")
         raise UserError(f"{path}: holds an array of shape {list(x.shape)}; the run's model takes inputs of shape "
                         f"[N, {', '.join(map(str, shape))}]{extra}")
+    if np.issubdtype(x.dtype, np.integer) and x.size and x.min() >= 0 and x.max() <= 255:
+        x = x.astype(np.uint8)  # integer pixels: scaled to [0, 1] as uint8 pixels are in training
     if x.dtype == np.uint8:
         return np.ascontiguousarray(x)
     return np.ascontiguousarray(x, dtype=np.float32)
