@@ -249,3 +249,27 @@ def test_online_bagging_repeats_each_streamed_example_by_a_seeded_poisson_draw()
         assert by.tolist() == np.repeat(np.arange(64), want).tolist() and torch.equal(bx[:, 0].long(), by)
         draws.append(by.tolist())
     assert draws[0] == draws[1] != draws[2]  # seeded: the same member repeats, another differs
+
+
+def test_expand_on_a_stream_shifts_each_example_by_at_most_one_pixel_seeded():
+    from ray_train.worker.stream import shift_one_pixel
+
+    x = np.random.default_rng(0).integers(1, 255, (200, 1, 6, 6)).astype(np.uint8)
+    out = shift_one_pixel(x, np.random.default_rng(7))
+    assert np.array_equal(out, shift_one_pixel(x, np.random.default_rng(7)))
+    ways = {"kept": lambda a: a, "up": lambda a: np.pad(a[1:], ((0, 1), (0, 0))),
+            "down": lambda a: np.pad(a[:-1], ((1, 0), (0, 0))), "left": lambda a: np.pad(a[:, 1:], ((0, 0), (0, 1))),
+            "right": lambda a: np.pad(a[:, :-1], ((0, 0), (1, 0)))}
+    seen = [next(k for k, f in ways.items() if np.array_equal(o[0], f(i[0]))) for i, o in zip(x, out)]
+    assert set(seen) == set(ways)  # all five, and every example is one of them
+
+
+def test_standardize_on_a_stream_reads_the_training_split_once(ray_cluster, folder):
+    from ray_train.config import build_config
+    from ray_train.data.loaders import load_dataset
+
+    data = load_dataset(build_config(overrides={"data": {"dataset": f"images:{folder[0]}", "standardize": True}}).data)
+    x = folder[1]["train"][0].astype(np.float64) / 255
+    assert np.allclose(data.standardize["mean"], x.mean(0), atol=1e-5)
+    std = x.std(0)
+    assert np.allclose(data.standardize["std"], np.where(std < 1e-6, 1, std), atol=1e-4)
