@@ -62,6 +62,9 @@ def init_ray(num_cpus: int | None = None, preload: tuple[str, ...] = ()) -> None
 
     if ray.is_initialized():
         return
+    # Ray Data's INFO lines and progress notices are no output the user asked for; the processes
+    # a local cluster starts (replicas, Ray Data's split coordinators) inherit this environment.
+    os.environ.setdefault("RAY_DATA_LOG_LEVEL", "ERROR")
     importing_meanwhile(preload, lambda: _start_or_join(num_cpus))
 
 
