@@ -148,7 +148,9 @@ def test_fit_takes_ray_data_datasets_with_a_transform(ray_cluster, folder, tmp_p
         return batch
 
     train = ray.data.from_items([{"x": v, "y": int(c)} for v, c in zip(x, y)])
-    test = ray.data.from_numpy(xt).zip(ray.data.from_numpy(yt)).rename_columns({"data": "x", "data_1": "y"})
+    packed = np.concatenate([xt.reshape(len(xt), -1), yt[:, None]], axis=1).astype(np.int64)  # [N, 257]
+    test = ray.data.from_numpy(packed).map_batches(
+        lambda b: {"x": b["data"][:, :-1].reshape(-1, 1, 16, 16).astype(np.uint8), "y": b["data"][:, -1]})
     data = ray_train.Streams(train, test, transform=scale, train_transform=jitter)
     summary = ray_train.fit({"run": {"epochs": 2, "batch_size": 8, "storage": str(tmp_path), "seed": 3},
                              "resources": {"replicas": 2, "cpus_per_replica": 0.5}, "optim": {"lr": 0.1}},
