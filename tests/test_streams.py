@@ -217,6 +217,7 @@ def test_mixed_sizes_train_with_image_size(ray_cluster, tmp_path):
     ("columns", ["--feature-column", "pixels"], "no feature column 'pixels'; the columns are x, y, split"),
     ("floats", [], "labels must be integers"),
     ("no-test", ["--split-column", "part"], "no split column 'part'"),
+    ("test-path", ["--test-path", "OTHER"], "no column 'y'; the columns are x, label"),
 ])
 def test_bad_parquet_is_one_line_errors(ray_cluster, folder, tmp_path, capsys, case, args, needle):
     import pyarrow as pa
@@ -229,6 +230,12 @@ def test_bad_parquet_is_one_line_errors(ray_cluster, folder, tmp_path, capsys, c
 
         table = pq.read_table(path)
         pq.write_table(table.set_column(1, "y", pa.array([0.5] * table.num_rows)), path)
+    if case == "test-path":  # a test split whose label column has another name
+        import pyarrow.parquet as pq
+
+        other = tmp_path / "test.parquet"
+        pq.write_table(pq.read_table(path).select(["x", "y"]).rename_columns(["x", "label"]), other)
+        args = ["--test-path", str(other)]
     storage = tmp_path / "runs"
     argv = ["--dataset", f"parquet:{path}", *(args or ["--split-column", "split"]), "--storage", str(storage),
             "--no-progress"]
