@@ -70,6 +70,9 @@ def init_ray(num_cpus: int | None = None, preload: tuple[str, ...] = (), address
         return f"cluster: the Ray cluster this process is on already, {_size()} (ray.init was called before this run)"
     target, why = resolve_address(address)
     raylog.capture_loggers(verbose)
+    # Ray Data's INFO lines and progress notices are no output the user asked for; the processes
+    # a local cluster starts (replicas, Ray Data's split coordinators) inherit this environment.
+    os.environ.setdefault("RAY_DATA_LOG_LEVEL", "ERROR")
     importing_meanwhile(preload, lambda: _start_or_join(target, num_cpus))
     raylog.capture_forwarded()
     if target == "local":

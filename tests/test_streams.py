@@ -148,7 +148,9 @@ def test_fit_takes_ray_data_datasets_with_a_transform(ray_cluster, folder, tmp_p
         return batch
 
     train = ray.data.from_items([{"x": v, "y": int(c)} for v, c in zip(x, y)])
-    test = ray.data.from_numpy(xt).zip(ray.data.from_numpy(yt)).rename_columns({"data": "x", "data_1": "y"})
+    packed = np.concatenate([xt.reshape(len(xt), -1), yt[:, None]], axis=1).astype(np.int64)  # [N, 257]
+    test = ray.data.from_numpy(packed).map_batches(
+        lambda b: {"x": b["data"][:, :-1].reshape(-1, 1, 16, 16).astype(np.uint8), "y": b["data"][:, -1]})
     data = ray_train.Streams(train, test, transform=scale, train_transform=jitter)
     summary = ray_train.fit({"run": {"epochs": 2, "batch_size": 8, "storage": str(tmp_path), "seed": 3},
                              "resources": {"replicas": 2, "cpus_per_replica": 0.5}, "optim": {"lr": 0.1}},
@@ -215,6 +217,7 @@ def test_mixed_sizes_train_with_image_size(ray_cluster, tmp_path):
     ("columns", ["--feature-column", "pixels"], "no feature column 'pixels'; the columns are x, y, split"),
     ("floats", [], "labels must be integers"),
     ("no-test", ["--split-column", "part"], "no split column 'part'"),
+    ("test-path", ["--test-path", "OTHER"], "no column 'y'; the columns are x, label"),
 ])
 def test_bad_parquet_is_one_line_errors(ray_cluster, folder, tmp_path, capsys, case, args, needle):
     import pyarrow as pa
@@ -227,6 +230,12 @@ def test_bad_parquet_is_one_line_errors(ray_cluster, folder, tmp_path, capsys, c
 
         table = pq.read_table(path)
         pq.write_table(table.set_column(1, "y", pa.array([0.5] * table.num_rows)), path)
+    if case == "test-path":  # a test split whose label column has another name
+        import pyarrow.parquet as pq
+
+        other = tmp_path / "test.parquet"
+        pq.write_table(pq.read_table(path).select(["x", "y"]).rename_columns(["x", "label"]), other)
+        args = ["--test-path", str(other)]
     storage = tmp_path / "runs"
     argv = ["--dataset", f"parquet:{path}", *(args or ["--split-column", "split"]), "--storage", str(storage),
             "--no-progress"]
@@ -249,3 +258,27 @@ def test_online_bagging_repeats_each_streamed_example_by_a_seeded_poisson_draw()
         assert by.tolist() == np.repeat(np.arange(64), want).tolist() and torch.equal(bx[:, 0].long(), by)
         draws.append(by.tolist())
     assert draws[0] == draws[1] != draws[2]  # seeded: the same member repeats, another differs
+
+
+def test_expand_on_a_stream_shifts_each_example_by_at_most_one_pixel_seeded():
+    from ray_train.worker.stream import shift_one_pixel
+
+    x = np.random.default_rng(0).integers(1, 255, (200, 1, 6, 6)).astype(np.uint8)
+    out = shift_one_pixel(x, np.random.default_rng(7))
+    assert np.array_equal(out, shift_one_pixel(x, np.random.default_rng(7)))
+    ways = {"kept": lambda a: a, "up": lambda a: np.pad(a[1:], ((0, 1), (0, 0))),
+            "down": lambda a: np.pad(a[:-1], ((1, 0), (0, 0))), "left": lambda a: np.pad(a[:, 1:], ((0, 0), (0, 1))),
+            "right": lambda a: np.pad(a[:, :-1], ((0, 0), (1, 0)))}
+    seen = [next(k for k, f in ways.items() if np.array_equal(o[0], f(i[0]))) for i, o in zip(x, out)]
+    assert set(seen) == set(ways)  # all five, and every example is one of them
+
+
+def test_standardize_on_a_stream_reads_the_training_split_once(ray_cluster, folder):
+    from ray_train.config import build_config
+    from ray_train.data.loaders import load_dataset
+
+    data = load_dataset(build_config(overrides={"data": {"dataset": f"images:{folder[0]}", "standardize": True}}).data)
+    x = folder[1]["train"][0].astype(np.float64) / 255
+    assert np.allclose(data.standardize["mean"], x.mean(0), atol=1e-5)
+    std = x.std(0)
+    assert np.allclose(data.standardize["std"], np.where(std < 1e-6, 1, std), atol=1e-4)
