@@ -168,7 +168,7 @@ class DownpourEngine(DriverModel, Engine):
         self.lost: set[int] = set()  # replicas whose restarts are used up
         infos = ray.get([r.info.remote() for r in self.actors.replicas])
         self.pids = {i["rank"]: i["pid"] for i in infos}
-        self.replica_nodes = {i["rank"]: i["node_id"] for i in infos}  # None while a replica is down
+        self.replica_nodes = {i["rank"]: i.get("node_id") for i in infos}  # None while a replica is down
         self.shard_pids = {i["index"]: i["pid"] for i in ray.get([s.info.remote() for s in self.actors.shards])}
         self.lr, self.updates0, self.window_t, self.t_first, self.steps = None, 0.0, None, None, {}
         self.warm_steps = self.spe if a.warm_start_steps is None else a.warm_start_steps
@@ -291,7 +291,7 @@ class DownpourEngine(DriverModel, Engine):
                 failure["rejoined_step"] = self.done
                 break
         self.ctx.sink.say(f"replica {rank} restarted (pid {info['pid']}); it rejoins by fetching the current parameters")
-        self.pids[rank], self.replica_nodes[rank] = info["pid"], info["node_id"]
+        self.pids[rank], self.replica_nodes[rank] = info["pid"], info.get("node_id")
         self.active.add(rank)
 
     def _check_shards(self) -> None:

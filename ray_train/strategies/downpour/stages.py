@@ -132,7 +132,11 @@ class PipelinedReplica:
         return self.transports
 
     def info(self) -> dict:
-        return {"pid": os.getpid(), "rank": self.ctx.rank, "transports": self.transports}
+        import ray
+
+        # the node of the process that drives the stages (summary.json ``nodes``)
+        return {"pid": os.getpid(), "rank": self.ctx.rank, "transports": self.transports,
+                "node_id": ray.get_runtime_context().get_node_id()}
 
     def run(self, start: int, n: int) -> dict:
         """Steps ``start .. start+n-1`` on every stage. A stage's death ends this process, so that
