@@ -17,7 +17,9 @@ def test_shards_never_straddle_two_stages():
 
 
 def test_two_pipelined_replicas_train_the_default_job_as_well_as_downpour(ray_cluster, tmp_path):
-    common = ["--strategy", "async", "--epochs", "2", "--storage", str(tmp_path), "--no-progress"]
+    # 5 epochs: at 2, async's nondeterminism alone moved the test accuracy 1.8 points between runs
+    # (0.916 vs 0.934 in a clean-clone CI run), more than the 1.5-point margin the comparison allows
+    common = ["--strategy", "async", "--epochs", "5", "--eval-every", "5", "--storage", str(tmp_path), "--no-progress"]
     assert main([*common, "--run-name", "plain"]) == 0
     assert main([*common, "--run-name", "piped", "--stages", "2", "--micro-batches", "4",
                  "--cpus-per-replica", "0.5"]) == 0
