@@ -67,6 +67,7 @@ def init_ray(num_cpus: int | None = None, preload: tuple[str, ...] = (), address
 
     if ray.is_initialized():
         raylog.capture_loggers(verbose)
+        raylog.capture_forwarded(owned=False)
         return f"cluster: the Ray cluster this process is on already, {_size()} (ray.init was called before this run)"
     target, why = resolve_address(address)
     raylog.capture_loggers(verbose)

@@ -16,8 +16,10 @@ import logging
 import os
 import sys
 import threading
+import time
 
 BUFFERED_LINES = 2000
+GRACE_S = 10.0  # a finished run's log still takes its workers' late lines this long
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
@@ -27,21 +29,41 @@ class RayLog:
         self.buffer: collections.deque[str] = collections.deque(maxlen=BUFFERED_LINES)
         self.path: str | None = None
         self.verbose = False
+        self.owned = False  # this process started Ray (ray_train.cluster.init_ray)
+        self.between_runs_to_terminal = False  # capture_forwarded(owned=False)
+        self.last: tuple[str, float] | None = None  # the run's file that was closed last, and when
+
+    def idle(self) -> bool:
+        """No run is writing here: forwarded output goes to the user's terminal (their own
+        ray.init; capture_forwarded). A run's own stragglers (its workers' last lines reach the
+        driver up to seconds after it ended) still go to its file for GRACE_S."""
+        with self.lock:
+            if self.path is not None or not self.between_runs_to_terminal:
+                return False
+            if self.last is not None and time.monotonic() - self.last[1] < GRACE_S:
+                return False
+            self.last = None
+            return True
 
     def write(self, text: str) -> None:
         if not text.endswith("\n"):
             text += "\n"
         with self.lock:
-            if self.path is None:
+            path = self.path or (self.last[0] if self.last else None)
+            if path is None:
                 self.buffer.append(text)
                 return
-            with open(self.path, "a", encoding="utf-8", errors="replace") as fh:
+            with open(path, "a", encoding="utf-8", errors="replace") as fh:
                 fh.write(text)
 
     def to_file(self, path: str | None) -> None:
         """Write Ray's output to ``path`` from now on (the lines buffered so far first); None:
         buffer again (the run is over; the next one names its own file)."""
         with self.lock:
+            if path is None and self.path is not None:
+                self.last = (self.path, time.monotonic())
+            elif path is not None:
+                self.last = None
             self.path = path
             if path is None or not self.buffer:
                 return
@@ -132,18 +154,24 @@ def _forwarded(data: dict) -> None:
         LOG.write(f"{tag} {line}")
 
 
-def capture_forwarded() -> None:
+def capture_forwarded(owned: bool = True) -> None:
     """After ray.init: the workers' forwarded stdout/stderr and the raylet's messages go to the
-    log (and, with verbose, to the terminal as well, as Ray prints them)."""
+    log (and, with verbose, to the terminal as well, as Ray prints them). ``owned=False``: the
+    user's program called ray.init itself (``ray_train.fit`` in their session): between runs
+    their workers' output reaches their terminal as Ray prints it; only a run's goes to its log."""
     from ray._private import worker
 
+    LOG.owned = LOG.owned or owned  # a cluster this process started stays ours (compare's later runs)
+    LOG.between_runs_to_terminal = not LOG.owned
     if getattr(worker.print_to_stdstream, "ray_train", False):
         return
     print_to_stdstream = worker.print_to_stdstream
 
     def to_log(data, ignore_prefix: bool = False) -> None:
-        _forwarded(data)
-        if LOG.verbose:
+        idle = LOG.idle()
+        if not idle:
+            _forwarded(data)
+        if LOG.verbose or idle:
             print_to_stdstream(data, ignore_prefix)
 
     to_log.ray_train = True

@@ -49,6 +49,14 @@ class Downpour:
     def __init__(self, cfg: TrainConfig, data_ref, factory, model: torch.nn.Module,
                  snapshot_dir: str | None = None, states: list[dict] | None = None, replica_cls=None,
                  stage_shards: list[list[tuple[int, int]]] | None = None) -> None:
+        self.replicas, self.shards, self.gate, self.pg = [], [], None, None
+        try:
+            self._start(cfg, data_ref, factory, model, snapshot_dir, states, replica_cls, stage_shards)
+        except BaseException:
+            self.shutdown()  # a factory failing in the replicas must not leave shards or the reservation
+            raise
+
+    def _start(self, cfg, data_ref, factory, model, snapshot_dir, states, replica_cls, stage_shards) -> None:
         from ray_train.strategies.downpour.replica import AsyncReplica
         from ray_train.strategies.downpour.stages import PipelinedReplica
 
@@ -81,6 +89,9 @@ class Downpour:
                                          num_gpus=res.gpus_per_replica, pg=self.pg, bundle=ctx.rank,
                                          max_restarts=cfg.run.max_failures).remote(ctx, cfg, factory)
                              for ctx in contexts]
+        # A constructor that failed (the user's factory) is reported as the actor's death here, once;
+        # the retried setup below would resubmit to it and have Ray print every attempt.
+        ray.get([r.info.remote() for r in self.replicas])
         if a.transport == "shm":
             self._check_one_node()
         # per replica, each shard's transport: "shm" (same node) or "ray"
@@ -124,7 +135,9 @@ class Downpour:
 
         for actor in [*self.replicas, *self.shards, *([self.gate] if self.gate else [])]:
             ray.kill(actor, no_restart=True)
-        release(self.pg)
+        if self.pg is not None:
+            release(self.pg)
+            self.pg = None
 
 
 class DownpourEngine(DriverModel, Engine):
