@@ -57,6 +57,13 @@ def test_more_replicas_than_this_machine_fails_before_ray_starts(capsys, tmp_pat
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     line = one_line_error(capsys, ["--gpus-per-replica", "1", *TINY, "--storage", str(tmp_path)])
     assert "2 replicas x 1 GPU = 2 GPU asked, but this machine has 0 GPU" in line
+    # compare and search too: every regime, and the trials' shape, checked before their cluster
+    too_many = ["--replicas", str(int(cpus) + 6), "--epochs", "1", "--no-progress", "--storage", str(tmp_path)]
+    line = one_line_error(capsys, ["compare", "--strategies", "sync,async", *too_many])
+    assert f"{int(cpus) + 6} CPU asked, but this machine has {cpus:g} CPU" in line
+    line = one_line_error(capsys, ["search", "--space", "optim.lr=loguniform(1e-3,1e-1)", "--trials", "2", *too_many])
+    assert f"{int(cpus) + 6} CPU asked, but this machine has {cpus:g} CPU" in line
+    assert not os.listdir(tmp_path)
 
 
 class DriverOnly:
