@@ -89,6 +89,15 @@ def case_plain(threads: int, batch: int, steps: int, warmup: int) -> dict:
     return {"samples_per_s": steps * batch / elapsed, "timed_s": elapsed}
 
 
+def case_plain_cold(threads: int, batch: int, steps: int, warmup: int) -> dict:
+    """The plain loop timed as the CLI case is (case_cli): the same whole epochs, from its first
+    step (no warm-up left out), a fresh permutation per epoch: what a user's own loop over the
+    same job would measure."""
+    spe = TRAIN // batch
+    epochs = -(-(steps + warmup) // spe)
+    return {**case_plain(threads, batch, epochs * spe, 0), "epochs": epochs}
+
+
 def case_ours(replicas: int, batch: int, steps: int, warmup: int) -> dict:
     import ray
 
@@ -157,7 +166,11 @@ def case_cli(replicas: int, batch: int, steps: int, warmup: int) -> dict:
         raise SystemExit("the CLI run failed")
     with open(os.path.join(storage, "bench", "summary.json")) as fh:
         summary = json.load(fh)
-    return {"samples_per_s": summary["samples_per_s"], "timed_s": summary["train_s"], "epochs": epochs,
+    later = summary["history"][1:]  # the epochs after the first: the run's steady state
+    steady = ({"steady_samples_per_s": sum(h["samples_per_s"] * h["epoch_s"] for h in later)
+               / sum(h["epoch_s"] for h in later)} if later else {})
+    return {"samples_per_s": summary["samples_per_s"], "timed_s": summary["train_s"], "epochs": epochs, **steady,
+            "epoch_samples_per_s": [h["samples_per_s"] for h in summary["history"]],
             "steps": summary["steps"], "allreduce": summary.get("allreduce"),
             "busy_share": busy_seconds(os.path.join(storage, "bench"), replicas) / summary["train_s"]}
 
@@ -238,7 +251,7 @@ def case_raytrain(workers: int, batch: int, steps: int, warmup: int) -> dict:
         return json.load(fh)
 
 
-CASES = {"plain": case_plain, "ours": case_ours, "cli": case_cli, "raytrain": case_raytrain}
+CASES = {"plain": case_plain, "plain_cold": case_plain_cold, "ours": case_ours, "cli": case_cli, "raytrain": case_raytrain}
 
 
 # -- the driver ---------------------------------------------------------------------------------
@@ -283,6 +296,8 @@ PLAN = {
     # two independent 1-thread loops at once: what two cores give two workers that never talk
     "plain_1thread_x2": ("plain", 1, 64, 2),
     "plain_2threads": ("plain", 2, 128, 1),
+    # one plain loop timed as the CLI cases are: whole epochs from the first step
+    "plain_1thread_cold": ("plain_cold", 1, 64, 1),
     "sync_1replica": ("ours", 1, 64, 1),
     "sync_2replicas": ("ours", 2, 64, 1),
     # the same through the CLI, as a user runs it
@@ -304,6 +319,8 @@ RATIOS = {  # name: (numerator, denominator, of: samples/s or wall), each where 
     "sync1_vs_plain1": ("sync_1replica", "plain_1thread", "samples_per_s"),
     "cli_sync2_vs_plain1_x2": ("cli_sync_2replicas", "plain_1thread_x2", "samples_per_s"),
     "cli_sync1_vs_plain1": ("cli_sync_1replica", "plain_1thread", "samples_per_s"),
+    "cli_sync1_vs_plain1_cold": ("cli_sync_1replica", "plain_1thread_cold", "samples_per_s"),
+    "cli_sync1_steady_vs_plain1": ("cli_sync_1replica", "plain_1thread", "steady_samples_per_s"),
     "cli_sync2_vs_harness_sync2": ("cli_sync_2replicas", "sync_2replicas", "samples_per_s"),
     "cli_sync2_ray_defaults_vs_plain1_x2": ("cli_sync_2replicas_ray_defaults", "plain_1thread_x2", "samples_per_s"),
     "cli_sync2_vs_cli_sync2_ray_defaults": ("cli_sync_2replicas", "cli_sync_2replicas_ray_defaults", "samples_per_s"),
@@ -311,16 +328,20 @@ RATIOS = {  # name: (numerator, denominator, of: samples/s or wall), each where 
 }
 
 
-def core_ratios(r: dict, wall: dict) -> dict:
-    """The issue's targets as ratios of samples/s (r) and whole-run wall seconds (wall), for the
-    cases that ran."""
+def core_ratios(figures: dict) -> dict:
+    """The issue's targets as ratios, for the cases that ran: ``figures`` maps each case to its
+    samples/s, whole-run wall seconds and (CLI cases) steady-state samples/s; the top's ``of``
+    over the bottom's (the bottom's samples/s where the top's is a steady state)."""
     out = {}
     for name, (top, bottom, of) in RATIOS.items():
-        figures = r if of == "samples_per_s" else wall
         times, bottom = (2, bottom[3:]) if bottom.startswith("2x ") else (1, bottom)
-        if top in figures and bottom in figures:
-            out[name] = figures[top] / (times * figures[bottom])
+        under = "samples_per_s" if of == "steady_samples_per_s" else of
+        if top in figures and bottom in figures and of in figures[top]:
+            out[name] = figures[top][of] / (times * figures[bottom][under])
     return out
+
+
+FIGURES = ("samples_per_s", "wall_s", "steady_samples_per_s")
 
 
 def core(steps: int, warmup: int, repeat: int, cases: list[str] | None = None, ray_defaults: bool = False) -> dict:
@@ -339,12 +360,10 @@ def core(steps: int, warmup: int, repeat: int, cases: list[str] | None = None, r
             print(f"[bench] round {k + 1}/{repeat} {label}: {results[label]['samples_per_s']:,.0f} samples/s, "
                   f"{results[label]['wall_s']:.1f} s wall", file=sys.stderr, flush=True)
         rounds.append(results)
-    median = {label: {key: statistics.median(r[label][key] for r in rounds) for key in ("samples_per_s", "wall_s")}
+    median = {label: {key: statistics.median(r[label][key] for r in rounds) for key in FIGURES if key in rounds[0][label]}
               for label in plan}
-    per_round = [core_ratios({k: v["samples_per_s"] for k, v in r.items()}, {k: v["wall_s"] for k, v in r.items()})
-                 for r in rounds]
-    ratios = core_ratios({k: v["samples_per_s"] for k, v in median.items()}, {k: v["wall_s"] for k, v in median.items()})
-    return {"results": median, "ratios": ratios, "rounds": rounds, "ratios_per_round": per_round}
+    per_round = [core_ratios(r) for r in rounds]
+    return {"results": median, "ratios": core_ratios(median), "rounds": rounds, "ratios_per_round": per_round}
 
 
 def extras(names: list[str], steps: int, warmup: int) -> dict:
