@@ -176,10 +176,7 @@ def _read_one(path: str, shape: tuple, class_names) -> Inputs:
     if path.endswith(".npz"):
         x, labels = _read_npz(path)
     elif path.endswith(".npy"):
-        try:
-            x = np.load(path, allow_pickle=False)
-        except (ValueError, OSError) as exc:
-            raise UserError(f"{path}: not a readable .npy array ({exc})") from None
+        x = _load_npy(path, f"{path}: not")
     else:
         from ray_train.data.loaders import read_idx
 
@@ -193,6 +190,14 @@ def _read_one(path: str, shape: tuple, class_names) -> Inputs:
         raise UserError(f"{path}: {len(x)} inputs but {len(labels)} labels")
     base = os.path.basename(path)
     return Inputs(x, [f"{base}[{i}]" for i in range(len(x))], labels)
+
+
+def _load_npy(path: str, what: str) -> np.ndarray:
+    """A .npy array; ``what`` starts the one-line error ("<what> a readable .npy array (...)")."""
+    try:
+        return np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as exc:
+        raise UserError(f"{what} a readable .npy array ({exc})") from None
 
 
 def _read_npz(path: str):
@@ -287,10 +292,7 @@ def read_labels(path: str, n: int, class_names: list | None, regression: bool) -
     if not os.path.isfile(path):
         raise UserError(f"--labels: file not found: {path}")
     if path.endswith(".npy"):
-        try:
-            y = np.load(path, allow_pickle=False)
-        except (ValueError, OSError) as exc:
-            raise UserError(f"--labels: {path} is not a readable .npy array ({exc})") from None
+        y = _load_npy(path, f"--labels: {path} is not")
     else:
         with open(path, "rb") as fh:
             head = fh.read(3)
