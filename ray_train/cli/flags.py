@@ -23,7 +23,8 @@ COMMON_FLAGS: list[Flag] = [
     ("--dataset", "data", "dataset", str, f"{', '.join(DATASETS)} (default mnist5k, embedded), "
      "idx:DIR, npz:FILE, or streamed by Ray Data: images:DIR (DIR/train/<class>/*.png ...), parquet:PATH"),
     ("--data-dir", "data", "data_dir", str, "folder with the four MNIST IDX files (else downloaded to the cache)"),
-    ("--replicas", "resources", "replicas", int, "replica actors (default 2)"),
+    ("--replicas", "resources", "replicas", str, "replica actors: N, or MIN-MAX for an elastic count that starts with as "
+     "many as fit, shrinks on a node loss and grows back at epoch ends (" + ", ".join(s.name for s in strategies.all_strategies() if s.resizes) + "; docs/cluster.md) (default 2)"),
     ("--cpus-per-replica", "resources", "cpus_per_replica", float, "CPUs per replica; fractions allowed (default 1)"),
     ("--gpus-per-replica", "resources", "gpus_per_replica", float, "GPUs per replica; fractions share a GPU (default 0)"),
     ("--placement", "resources", "placement", str, f"placement-group strategy: {', '.join(PLACEMENTS)} (default PACK)"),
