@@ -291,13 +291,13 @@ def reserve(res, count: int | None = None):
     return pg
 
 
-def room_for(res, stages: int = 1) -> int:
-    """How many more replicas of ``stages`` actors the cluster's free resources hold now, by
-    the sums ray.available_resources gives (a cheap first guess: a free CPU split over two nodes
-    counts; ``placeable`` says for sure)."""
+def room_for(res, stages: int = 1, in_all: bool = False) -> int:
+    """How many more replicas of ``stages`` actors the cluster's free resources hold now (or its
+    live nodes' resources in all, ``in_all``), by the sums Ray gives (a cheap first guess: a free
+    CPU split over two nodes counts; ``placeable`` says for sure)."""
     import ray
 
-    free = ray.available_resources()
+    free = ray.cluster_resources() if in_all else ray.available_resources()
     fits = [math.floor(free.get("CPU", 0.0) / (stages * res.cpus_per_replica) + 1e-9)]
     if res.gpus_per_replica:
         fits.append(math.floor(free.get("GPU", 0.0) / (stages * res.gpus_per_replica) + 1e-9))

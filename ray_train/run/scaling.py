@@ -10,9 +10,13 @@ import dataclasses
 
 from ray_train.config import TrainConfig
 
-# How long a placement for more than MIN replicas may take before fewer are tried: a feasible
-# placement group is ready in well under a second; one Ray cannot place waits for ever.
-PROBE_S = 10.0
+# How long a placement for more than MIN replicas may take before fewer are tried. A feasible
+# placement group was ready in 0.0-1.0 s on the loaded 2-core development VM (the 1.0 s while the
+# group just shut down handed its CPUs back); one Ray cannot place waits for ever. Right after a
+# node is lost, Ray still counts its resources for a while (its health check has not failed yet),
+# so the count before the loss is tried and this is what a shrink waits. Too short a wait only
+# costs a replica until the next epoch end, which grows the group back.
+PROBE_S = 5.0
 
 
 def scaling_policy(cfg: TrainConfig, strategy) -> "FixedScaling":
@@ -56,7 +60,8 @@ class ElasticScaling(FixedScaling):
         died: each count above MIN is placed before it is taken."""
         from ray_train.cluster import placeable, room_for
 
-        count = min(self.most, max(self.least, room_for(self.res, self.stages), hint or 0))
+        hint = min(hint or 0, room_for(self.res, self.stages, in_all=True))  # not past the nodes still alive
+        count = min(self.most, max(self.least, room_for(self.res, self.stages), hint))
         while count > self.least and not placeable(self.res, count * self.stages, PROBE_S):
             count -= 1
         return count
