@@ -40,6 +40,24 @@ def _free_cpus_at_least(n: float, timeout_s: float = 60.0) -> None:
         time.sleep(0.05)  # polling the cluster's resource view; no event to wait on
 
 
+def test_replicas_take_one_number_or_a_range():
+    from ray_train.config import build_config
+    from ray_train.run.scaling import with_replicas
+
+    res = build_config(overrides={"resources": {"replicas": "2-4"}}).resources
+    assert (res.replicas, res.min_replicas, res.fewest, res.elastic) == (4, 2, 2, True)
+    # what run.json keeps builds the same config again
+    again = build_config(build_config(overrides={"resources": {"replicas": "2-4"}}).to_dict()).resources
+    assert (again.replicas, again.min_replicas) == (4, 2)
+    # a single number on the command line is a fixed count, whatever the YAML said
+    fixed = build_config({"resources": {"replicas": 4, "min_replicas": 2}}, {"resources": {"replicas": "3"}}).resources
+    assert (fixed.replicas, fixed.min_replicas, fixed.elastic) == (3, None, False)
+    assert build_config(overrides={"resources": {"replicas": "2-2"}}).resources.elastic is False
+    # the engine gets the count; a --slow-replica rank the smaller group lacks goes with it
+    cfg = build_config(overrides={"resources": {"replicas": "1-2"}, "run": {"slow_replica": "1:3"}})
+    assert with_replicas(cfg, 1).resources.replicas == 1 and with_replicas(cfg, 1).run.slow_replica is None
+
+
 def test_min_more_than_max_is_one_line_and_exit_2(capsys, tmp_path):
     line = one_line_error(capsys, ["--replicas", "4-2", "--storage", str(tmp_path), "--no-tensorboard"])
     assert "MIN 4 is more than MAX 2" in line and "2-4" in line, line

@@ -30,8 +30,14 @@ def scaling_policy(cfg: TrainConfig, strategy) -> "FixedScaling":
 
 
 def with_replicas(cfg: TrainConfig, count: int) -> TrainConfig:
-    """``cfg`` with ``count`` replicas (what the engine reads)."""
-    return dataclasses.replace(cfg, resources=dataclasses.replace(cfg.resources, replicas=count))
+    """``cfg`` with ``count`` replicas (what the engine reads); a --slow-replica rank that the
+    smaller group lacks is dropped with it."""
+    from ray_train.config import slow_replica
+
+    run = cfg.run
+    if run.slow_replica is not None and slow_replica(run.slow_replica)[0] >= count:
+        run = dataclasses.replace(run, slow_replica=None)
+    return dataclasses.replace(cfg, run=run, resources=dataclasses.replace(cfg.resources, replicas=count))
 
 
 class FixedScaling:
