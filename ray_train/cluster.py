@@ -230,7 +230,8 @@ def check_resources(res, count: int | None = None, shards: int = 0, shard_cpus: 
         import ray
 
         total = ray.cluster_resources()
-    count = (res.replicas if count is None else count) * stages
+    least = count is None and res.elastic  # an elastic count needs room for its MIN only
+    count = (res.fewest if count is None else count) * stages
     extra = shards * shard_cpus
     asks = {"CPU": count * res.cpus_per_replica + extra, "GPU": count * res.gpus_per_replica}
     for kind, asked in asks.items():
@@ -241,6 +242,8 @@ def check_resources(res, count: int | None = None, shards: int = 0, shard_cpus: 
             per = res.cpus_per_replica if kind == "CPU" else res.gpus_per_replica
             plus = f" + {shards} shards x {shard_cpus:g} CPU" if kind == "CPU" and extra else ""
             who = f"{count // stages} replicas x {stages} stages" if stages > 1 else f"{count} replicas"
+            if least:
+                who += f" (the MIN of --replicas {res.fewest}-{res.replicas})"
             raise ResourceError(
                 f"resources: {who} x {per:g} {kind}{plus} = {asked:g} {kind} asked, but {where} "
                 f"{have:g} {kind} in all; lower --replicas"
@@ -287,6 +290,34 @@ def reserve(res, count: int | None = None):
             f"{PLACEMENT_TIMEOUT_S:.0f} s; available now: {ray.available_resources()}"
         )
     return pg
+
+
+def room_for(res, stages: int = 1, in_all: bool = False) -> int:
+    """How many more replicas of ``stages`` actors the cluster's free resources hold now (or its
+    live nodes' resources in all, ``in_all``), by the sums Ray gives (a cheap first guess: a free
+    CPU split over two nodes counts; ``placeable`` says for sure)."""
+    import ray
+
+    free = ray.cluster_resources() if in_all else ray.available_resources()
+    fits = [math.floor(free.get("CPU", 0.0) / (stages * res.cpus_per_replica) + 1e-9)]
+    if res.gpus_per_replica:
+        fits.append(math.floor(free.get("GPU", 0.0) / (stages * res.gpus_per_replica) + 1e-9))
+    return max(0, min(fits))
+
+
+def placeable(res, count: int, timeout_s: float) -> bool:
+    """Whether ``count`` replica bundles can be placed (res.placement) within ``timeout_s``: a
+    placement group is made and given back at once."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    bundle = {"CPU": res.cpus_per_replica, **({"GPU": res.gpus_per_replica} if res.gpus_per_replica else {})}
+    pg = placement_group([dict(bundle) for _ in range(count)], strategy=res.placement)
+    try:
+        ready, _ = ray.wait([pg.ready()], timeout=timeout_s)
+        return bool(ready)
+    finally:
+        remove_placement_group(pg)
 
 
 def trial_placement_group():

@@ -197,8 +197,13 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class ResourcesConfig:
-    replicas: int = 2
-    """Replica actors (each owns a model copy and a data shard)."""
+    replicas: int | str = 2
+    """Replica actors (each owns a model copy and a data shard). "MIN-MAX" (e.g. "2-4"): an elastic
+    count (docs/cluster.md), read as replicas MAX and min_replicas MIN; a single number, or "N",
+    is a fixed count (min_replicas None)."""
+    min_replicas: int | None = None
+    """Elastic count: the fewest replicas the run goes on with (it starts with as many as fit, up
+    to replicas, shrinks after a node loss and grows back at epoch ends); None: fixed."""
     cpus_per_replica: float = 1.0
     """CPUs Ray reserves per replica; torch uses that many threads (at least one)."""
     gpus_per_replica: float = 0.0
@@ -210,12 +215,39 @@ class ResourcesConfig:
     GPU when it takes at most a quarter of the replica's share of the GPU's memory), on, off."""
 
     def __post_init__(self) -> None:
+        if isinstance(self.replicas, str):  # --replicas N or MIN-MAX: the whole replica spec
+            low, high = replica_range(self.replicas)
+            object.__setattr__(self, "replicas", high)
+            object.__setattr__(self, "min_replicas", low if low != high else None)
         _integer("resources", "replicas", self.replicas)
         _positive("resources", "replicas", self.replicas)
+        if self.min_replicas is not None:
+            _integer("resources", "min_replicas", self.min_replicas)
+            _positive("resources", "min_replicas", self.min_replicas)
+            if self.min_replicas > self.replicas:
+                raise ConfigError(f"resources.replicas: MIN {self.min_replicas} is more than MAX {self.replicas} "
+                                  f"(--replicas MIN-MAX, e.g. {self.replicas}-{self.min_replicas})")
         _positive("resources", "cpus_per_replica", self.cpus_per_replica)
         _positive("resources", "gpus_per_replica", self.gpus_per_replica, zero_ok=True)
         _choice("resources", "placement", self.placement, PLACEMENTS)
         _choice("resources", "data_on_device", self.data_on_device, DATA_ON_DEVICE)
+
+    @property
+    def fewest(self) -> int:
+        """The fewest replicas the run can go on with: min_replicas when elastic, else replicas."""
+        return self.replicas if self.min_replicas is None else self.min_replicas
+
+    @property
+    def elastic(self) -> bool:
+        return self.fewest < self.replicas
+
+
+def replica_range(spec: str) -> tuple[int, int]:
+    """(MIN, MAX) of "N" or "MIN-MAX"; a ConfigError otherwise. MIN > MAX is left to the caller."""
+    parts = [p.strip() for p in str(spec).split("-")]
+    if len(parts) in (1, 2) and all(p.isdigit() and int(p) > 0 for p in parts):
+        return int(parts[0]), int(parts[-1])
+    raise ConfigError(f"resources.replicas: expected N or MIN-MAX (positive integers, e.g. 2 or 2-4), got {spec!r}")
 
 
 @dataclass(frozen=True)
@@ -358,6 +390,10 @@ def _fill_and_check(self) -> None:
     if (optimizer, lr) != (self.optim.optimizer, self.optim.lr):
         object.__setattr__(self, "optim", dataclasses.replace(self.optim, optimizer=optimizer, lr=lr))
     strategy.check(self)
+    if self.resources.elastic and not strategy.resizes:
+        takers = [s.name for s in strategies.all_strategies() if s.resizes]
+        raise ConfigError(f"resources.replicas: an elastic count (MIN-MAX, {self.resources.fewest}-"
+                          f"{self.resources.replicas}) is for {', '.join(takers)}, not {strategy.name}; give one number")
     check_allreduce(self.run.allreduce, self.resources.gpus_per_replica)
     _check_pipeline(self, strategy)
     if self.run.slow_replica is not None and slow_replica(self.run.slow_replica)[0] >= self.resources.replicas:

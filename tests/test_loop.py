@@ -43,6 +43,7 @@ class ScriptedEngine(Engine):
 
     def start(self, state):
         self.starts += 1
+        self.counts = getattr(self, "counts", []) + [self.ctx.cfg.resources.replicas]
         self.params, self.epochs_done, self.step = (state["params"], state["epochs_done"], state["step"]) if state \
             else (0, 0, 0)
 
@@ -96,12 +97,13 @@ def _data():
                    rng.standard_normal((TEST, 4), dtype=np.float32), rng.integers(0, 2, TEST), num_classes=2)
 
 
-def _run(tmp_path, monkeypatch, accuracies=(0.5,), max_failures=3, early_stop=0, optim=None, **run):
+def _run(tmp_path, monkeypatch, accuracies=(0.5,), max_failures=3, early_stop=0, optim=None, replicas=1, **run):
     clock = Clock()
     monkeypatch.setattr(loop_module.time, "perf_counter", clock)
     cfg = build_config(overrides={"run": {"epochs": 6, "batch_size": BATCH, "checkpoint_every": 10,
                                           "max_failures": max_failures, **run},
-                                  "optim": {"early_stop": early_stop, **(optim or {})}, "resources": {"replicas": 1}})
+                                  "optim": {"early_stop": early_stop, **(optim or {})},
+                                  "resources": {"replicas": replicas}})
     out = io.StringIO()
     failures = FailurePolicy(cfg.run.max_failures)
     ctx = EngineContext(cfg, _data(), None, None, MetricsSink(out=out, progress=False), str(tmp_path), failures)
@@ -110,9 +112,9 @@ def _run(tmp_path, monkeypatch, accuracies=(0.5,), max_failures=3, early_stop=0,
     return ctx, store, signals, out, clock, accuracies
 
 
-def _loop(ctx, store, signals, accuracies, clock, found=None, **engine):
+def _loop(ctx, store, signals, accuracies, clock, found=None, scaling=None, **engine):
     engine = ScriptedEngine(ctx, list(accuracies), clock, stop=signals, **engine)
-    return RunLoop(engine, store, signals, found, resume_hint="runs/x"), engine
+    return RunLoop(engine, store, signals, found, resume_hint="runs/x", scaling=scaling), engine
 
 
 def _names(store):
@@ -249,3 +251,58 @@ def test_the_plateau_schedule_ends_training_at_its_floor(tmp_path, monkeypatch):
     assert (summary.stopped, summary.epochs) == ("lr_floor", 3)
     assert [h["lr"] for h in summary.history] == [0.4, 0.4, 0.2]
     assert "halved the learning rate down to eta0/4 (0.1)" in out.getvalue()
+
+
+class Scaling:
+    """A scripted elastic policy (run/scaling.py's interface): the count each start takes, and
+    the count the n-th epoch end grows to."""
+
+    def __init__(self, starts, grow_at=None):
+        self.starts, self.grow_at, self.hints, self.ends = list(starts), dict(grow_at or {}), [], 0
+
+    def start_count(self, hint=None):
+        self.hints.append(hint)
+        return self.starts.pop(0)
+
+    def grow_to(self, current):
+        self.ends += 1
+        return self.grow_at.get(self.ends)
+
+
+def test_an_elastic_count_shrinks_after_a_death_and_grows_back_at_an_epoch_end(tmp_path, monkeypatch):
+    """--replicas 1-2: two replicas (10 steps an epoch), one dies in epoch 3 and the restart from
+    the checkpoint of epoch 2 gets one (20 steps an epoch: the data re-sharded); the end of that
+    epoch has room for two again, checkpoints and restarts the engine with two from there."""
+    ctx, store, signals, out, clock, acc = _run(tmp_path, monkeypatch, checkpoint_every=1, replicas="1-2")
+    scaling = Scaling([2, 1, 2], grow_at={3: 2})
+    loop, engine = _loop(ctx, store, signals, acc, clock, die_at=25, scaling=scaling)
+    summary = loop.run()
+    assert engine.counts == [2, 1, 2] and scaling.hints == [None, 2, 2]  # the restart tries the count before
+    assert summary.steps == 20 + 20 + 3 * 10 and summary.epochs == 6 and summary.restarts == 1
+    assert summary.replicas_history == [{"epoch": 0, "step": 0, "replicas": 2}, {"epoch": 2, "step": 20, "replicas": 1},
+                                        {"epoch": 3, "step": 40, "replicas": 2}]
+    assert summary.replicas == 2 and summary.to_dict()["replicas"] == 2
+    assert "replicas: 2 -> 1 after epoch 2" in out.getvalue() and "replicas: 1 -> 2 after epoch 3" in out.getvalue()
+    grown = store.load_latest()[0]  # a checkpoint holds the count and its history: a resume or rewind keeps them
+    assert grown["replicas"] == 2 and grown["replicas_history"] == summary.replicas_history
+
+
+def test_a_run_stopped_mid_epoch_resumes_as_many_examples_in_with_another_count(tmp_path, monkeypatch):
+    """Stopped 5 steps into epoch 2 with two replicas (10 examples a step); resumed with one (5),
+    the epoch goes on from step 10 of its 20."""
+    ctx, store, signals, out, clock, acc = _run(tmp_path, monkeypatch, epochs=3, replicas="1-2")
+    first, _ = _loop(ctx, store, signals, acc, clock, stop_at=12, scaling=Scaling([2]))
+    with pytest.raises(Interrupted):
+        first.run()
+    assert _names(store) == ["ckpt-000001-step000005.pt"]
+    ctx2, _, signals2, _, clock2, _ = _run(tmp_path, monkeypatch, epochs=3, replicas="1-2")
+    second, engine = _loop(ctx2, store, signals2, acc, clock2, found=store.load_latest(), scaling=Scaling([1]))
+    summary = second.run()
+    assert engine.counts == [1] and summary.steps == 10 + 5 + (20 - 10) + 20
+    assert [h["replicas"] for h in summary.replicas_history] == [2, 1]
+
+
+def test_a_fixed_count_records_one_entry(tmp_path, monkeypatch):
+    ctx, store, signals, out, clock, acc = _run(tmp_path, monkeypatch, replicas=2)
+    summary = _loop(ctx, store, signals, acc, clock)[0].run()
+    assert summary.replicas == 2 and summary.replicas_history == [{"epoch": 0, "step": 0, "replicas": 2}]

@@ -14,6 +14,15 @@ from ray_train.errors import UserError
 from ray_train.fields import OPTIMIZERS, did_you_mean
 from ray_train.strategies.base import Flag
 
+def replica_spec(text: str) -> str:
+    """--replicas: N or MIN-MAX, handed to resources.replicas as written (which checks the numbers)."""
+    import re
+
+    if not re.fullmatch(r"\s*-?\d+\s*(-\s*\d+\s*)?", text):
+        raise argparse.ArgumentTypeError(f"expected N or MIN-MAX (e.g. 2 or 2-4), got {text!r}")
+    return text
+
+
 # flag -> (section, field, type, help)
 COMMON_FLAGS: list[Flag] = [
     ("--strategy", "run", "strategy", str, f"training strategy: {', '.join(strategies.names())} (default "
@@ -23,7 +32,8 @@ COMMON_FLAGS: list[Flag] = [
     ("--dataset", "data", "dataset", str, f"{', '.join(DATASETS)} (default mnist5k, embedded), "
      "idx:DIR, npz:FILE, or streamed by Ray Data: images:DIR (DIR/train/<class>/*.png ...), parquet:PATH"),
     ("--data-dir", "data", "data_dir", str, "folder with the four MNIST IDX files (else downloaded to the cache)"),
-    ("--replicas", "resources", "replicas", int, "replica actors (default 2)"),
+    ("--replicas", "resources", "replicas", replica_spec, "replica actors: N, or MIN-MAX for an elastic count that starts with as "
+     "many as fit, shrinks on a node loss and grows back at epoch ends (" + ", ".join(s.name for s in strategies.all_strategies() if s.resizes) + "; docs/cluster.md) (default 2)"),
     ("--cpus-per-replica", "resources", "cpus_per_replica", float, "CPUs per replica; fractions allowed (default 1)"),
     ("--gpus-per-replica", "resources", "gpus_per_replica", float, "GPUs per replica; fractions share a GPU (default 0)"),
     ("--placement", "resources", "placement", str, f"placement-group strategy: {', '.join(PLACEMENTS)} (default PACK)"),

@@ -14,6 +14,7 @@ from ray_train.run.checkpoint import CheckpointStore
 from ray_train.run.failure import FailurePolicy
 from ray_train.run.loop import RunLoop
 from ray_train.run.outputs import save_models
+from ray_train.run.scaling import scaling_policy
 
 
 @dataclass
@@ -38,6 +39,7 @@ def run_loop(job: Job) -> dict:
     ctx = EngineContext(cfg, job.data, job.data_ref, job.model, job.sink, job.run_dir,
                         FailurePolicy(cfg.run.max_failures))
     summary = RunLoop(job.strategy.engine_class()(ctx), job.checkpoints, job.stop, job.resume,
-                      resume_hint=job.run_dir, on_epoch=job.on_epoch).run()
+                      resume_hint=job.run_dir, on_epoch=job.on_epoch,
+                      scaling=scaling_policy(cfg, job.strategy)).run()
     save_models(job.run_dir, summary, job.data, {"model_name": cfg.model.name})
     return summary.to_dict()

@@ -2,7 +2,9 @@
 evaluation when due -> metrics -> every stop rule -> the checkpoint policy; at the end a Summary.
 It owns resume, the rewind to the last checkpoint after a replica died, and stopping mid-epoch
 (a signal or the time limit: the engine finishes the chunks it handed out and the loop
-checkpoints exactly there, so ``--resume`` loses nothing)."""
+checkpoints exactly there, so ``--resume`` loses nothing). With an elastic replica count
+(run/scaling.py) each (re)start takes as many replicas as fit, and an epoch end with room for more
+restarts the engine with more from the state just checkpointed."""
 from __future__ import annotations
 
 import math
@@ -14,6 +16,7 @@ from ray_train.engine import Chunk, Engine, StateMismatch
 from ray_train.errors import CheckpointError, Diverged, Interrupted, ReplicaFailure, ResourceError
 from ray_train.run.checkpoint import CheckpointStore
 from ray_train.run.failure import Decision, ReplicaDied
+from ray_train.run.scaling import FixedScaling, with_replicas
 from ray_train.worker.evaluation import EvalResult
 from ray_train.worker.losses import Objective
 from ray_train.worker.optim import Schedule
@@ -41,6 +44,16 @@ class Progress:
     best: dict | None = None  # the best-validation epoch: its figures and its model (model_state)
     first_loss: float | None = None  # where training started (the divergence rule's yardstick: EXPLODED)
     warnings: list = field(default_factory=list)  # what the run warned about (summary.json)
+    replicas: list = field(default_factory=list)  # the replica count over time: {epoch, step, replicas}
+
+
+class Grow(Exception):
+    """An epoch end found room for more replicas: restart the engine with ``count`` of them from
+    ``found`` (the state just checkpointed, and its path)."""
+
+    def __init__(self, found: tuple[dict, str], count: int) -> None:
+        super().__init__(found[1])
+        self.found, self.count = found, count
 
 
 @dataclass
@@ -73,6 +86,8 @@ class Summary:
     val_loss: float | None = None  # at best_epoch
     best_test_loss: float | None = None
     best_test_mae: float | None = None
+    replicas: int | None = None  # the count the run ended with
+    replicas_history: list = field(default_factory=list)  # Progress.replicas
 
     def to_dict(self) -> dict:
         """summary.json's keys (asdict would deep-copy the model's tensors)."""
@@ -83,8 +98,11 @@ class Summary:
 
 class RunLoop:
     def __init__(self, engine: Engine, checkpoints: CheckpointStore | None, stop=None,
-                 resume: tuple[dict, str] | None = None, resume_hint: str | None = None, on_epoch=None) -> None:
+                 resume: tuple[dict, str] | None = None, resume_hint: str | None = None, on_epoch=None,
+                 scaling: FixedScaling | None = None) -> None:
         self.engine, self.ctx = engine, engine.ctx
+        self.scaling = scaling or FixedScaling(engine.ctx.cfg)
+        self.base_cfg, self.replicas = engine.ctx.cfg, engine.ctx.cfg.resources.replicas
         self.on_epoch = on_epoch  # called with each epoch's history record (python -m ray_train search)
         self.cfg, self.sink = engine.ctx.cfg, engine.ctx.sink
         self.checkpoints, self.resume, self.resume_hint = checkpoints, resume, resume_hint
@@ -97,20 +115,23 @@ class RunLoop:
 
     # -- the loop ------------------------------------------------------------------------------
     def run(self) -> Summary:
-        found, died = self.resume, None
+        found, restarted, hint = self.resume, None, None
         try:
             while True:
                 try:
-                    self._begin(found)
+                    self._begin(found, hint)
                     stop = self._train()
                     break
                 except ReplicaDied as exc:
-                    died = exc
-                    found = self._recover(died)
+                    restarted, hint = "the failure", self.replicas
+                    found = self._recover(exc)
+                except Grow as grow:
+                    self.engine.shutdown()
+                    restarted, found, hint = "growing", grow.found, grow.count
                 except ResourceError as exc:
-                    if died is None:
+                    if restarted is None:
                         raise  # the cluster never had room: the user's resources are wrong (exit 2)
-                    raise self._cannot_restart(exc, found) from None
+                    raise self._cannot_restart(exc, found, restarted) from None
             return self._finish(*stop)
         finally:
             self.engine.shutdown()
@@ -136,10 +157,12 @@ class RunLoop:
             validation = self.engine.evaluate("val") if self.ctx.data.has_validation else None
             watched = self._end_epoch(epoch, lr, evaluation, validation)
             stop = self._stop_rule(watched)
-            if stop is not None or p.epoch % cfg.run.checkpoint_every == 0:
-                self._checkpoint()
+            saved = self._checkpoint() if stop is not None or p.epoch % cfg.run.checkpoint_every == 0 else None
             if self.engine.overlaps_evaluation:  # its actors trained on meanwhile
                 self._account_time(time.perf_counter() - t_trained)
+            grow = self.scaling.grow_to(self.replicas) if stop is None else None
+            if grow is not None:
+                raise Grow(saved or self._checkpoint(), grow)
         return stop
 
     def _on_chunk(self, chunk: Chunk) -> None:
@@ -277,10 +300,12 @@ class RunLoop:
         return "loss" if self.regression else "accuracy"
 
     # -- state: begin, checkpoint, recover, finish ----------------------------------------------
-    def _begin(self, found: tuple[dict, str] | None) -> None:
+    def _begin(self, found: tuple[dict, str] | None, hint: int | None = None) -> None:
         state = found[0] if found else None
         self.progress, self.schedule = Progress(), Schedule(self.cfg.optim)
         self.diverged, self.warned, self.last_eval, self.t_epoch = None, False, None, time.perf_counter()
+        count = self.scaling.start_count(hint)
+        self.ctx.cfg = self.base_cfg if count == self.base_cfg.resources.replicas else with_replicas(self.base_cfg, count)
         try:
             self.engine.start(None if state is None else state["engine"])
         except StateMismatch as exc:
@@ -290,17 +315,30 @@ class RunLoop:
             self.progress = Progress(state["epoch"], state["step"], state["in_epoch"], state["train_s"],
                                      state["samples"], int(state.get("comm_bytes", 0)), list(state["history"]),
                                      dict(state["window"]), state.get("best"), state.get("first_loss"),
-                                     list(state.get("warnings", [])))
+                                     list(state.get("warnings", [])), list(state.get("replicas_history", [])))
             self.schedule.load_state_dict(state["schedule"])
+        self.replicas, self.spe = count, self.engine.epoch_steps()
+        saved = state.get("replicas", count) if state is not None else count
+        if self.progress.in_epoch and saved != count:  # stopped mid-epoch: as many examples in, re-sharded
+            self.progress.in_epoch = min(self.spe, self.progress.in_epoch * saved // count)
+        history = self.progress.replicas
+        if not history or history[-1]["replicas"] != count:
+            history.append({"epoch": self.progress.epoch, "step": self.progress.step, "replicas": count})
+            self.sink.scalar("replicas", count, self.progress.step)
+            if history[:-1]:
+                self.sink.say(f"replicas: {history[-2]['replicas']} -> {count} after epoch {self.progress.epoch}")
 
-    def _checkpoint(self) -> None:
-        if self.checkpoints is None:
-            return
+    def _checkpoint(self) -> tuple[dict, str]:
+        """Save the run's state (when there is a store) and return it with its path."""
         p = self.progress
-        self.checkpoints.save(p.epoch, {
+        state = {
             "epoch": p.epoch, "step": p.step, "in_epoch": p.in_epoch, "train_s": p.train_s, "samples": p.samples,
             "comm_bytes": p.comm_bytes, "history": list(p.history), "window": dict(p.window), "schedule": self.schedule.state_dict(), "best": p.best,
-            "first_loss": p.first_loss, "warnings": list(p.warnings), "failures": list(self.ctx.failures.failures), "engine": self.engine.state()}, p.in_epoch)
+            "first_loss": p.first_loss, "warnings": list(p.warnings), "failures": list(self.ctx.failures.failures),
+            "replicas": self.replicas, "replicas_history": [dict(r) for r in p.replicas], "engine": self.engine.state()}
+        if self.checkpoints is None:
+            return state, f"the state after epoch {p.epoch} (in memory)"
+        return state, self.checkpoints.save(p.epoch, state, p.in_epoch)
 
     def _recover(self, died: ReplicaDied) -> tuple[dict, str] | None:
         """Record the failure; past run.max_failures give up, else rewind to the last checkpoint."""
@@ -321,13 +359,15 @@ class RunLoop:
         self.sink.rewind(found[0]["step"] if found else 0)
         return found
 
-    def _cannot_restart(self, exc: ResourceError, found: tuple[dict, str] | None) -> ReplicaFailure:
-        """After a death, the cluster has no room for the replicas any more (a node was lost and
-        not replaced): a failure (exit 1) naming the checkpoint to continue from, not a user error."""
+    def _cannot_restart(self, exc: ResourceError, found: tuple[dict, str] | None, after: str) -> ReplicaFailure:
+        """After a death (or while growing), the cluster has no room for the replicas any more (a
+        node was lost and not replaced): a failure (exit 1) naming the checkpoint to continue from,
+        not a user error."""
         where = f"the last checkpoint is {found[1]} (epoch {found[0]['epoch']})" if found else "no checkpoint yet"
         hint = f"; continue with --resume {self.resume_hint} once there is room" if self.resume_hint and found else ""
-        self.ctx.failures.failures[-1]["restart_error"] = str(exc)
-        return ReplicaFailure(f"could not restart after the failure: {exc}; {where}{hint}")
+        if after == "the failure":
+            self.ctx.failures.failures[-1]["restart_error"] = str(exc)
+        return ReplicaFailure(f"could not restart after {after}: {exc}; {where}{hint}")
 
     def _finish(self, stopped: str, reason: str) -> Summary:
         p = self.progress
@@ -352,4 +392,4 @@ class RunLoop:
                        best.get("val_accuracy"), best.get("test_accuracy"), best.get("test_errors"), list(failures),
                        len(failures), list(p.history), extras, evaluation, self.engine.model_state(),
                        best.get("model_state"), list(p.warnings), evaluation.mae, best.get("val_loss"),
-                       best.get("test_loss"), best.get("test_mae"))
+                       best.get("test_loss"), best.get("test_mae"), self.replicas, [dict(r) for r in p.replicas])

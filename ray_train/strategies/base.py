@@ -52,6 +52,10 @@ class Strategy:
     streams: bool = False
     """It trains on a dataset Ray Data streams (images:DIR, parquet:PATH, fit's Streams): its
     replicas are worker.replica.Replica driven by worker.group.ReplicaGroup, which take a shard."""
+    resizes: bool = False
+    """Its run loop may restart it from a checkpoint with another replica count (--replicas
+    MIN-MAX, an elastic count: docs/cluster.md); its engine reads the count from the config it is
+    started with, and its state loads into any count."""
     resumes_itself: bool = False
     """Its runner resumes its parts from their own checkpoints (an ensemble's members); the run
     then loads no checkpoint for it and keeps the points the interrupted run already logged."""

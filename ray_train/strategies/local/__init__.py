@@ -12,6 +12,7 @@ class Local(Strategy):
     summary = "model averaging: replicas train alone and mix parameters every H steps (local SGD, DiLoCo, EASGD)"
     engine = "ray_train.strategies.local.engine:LocalEngine"
     section = LocalConfig
+    resizes = True
     flags = (
         ("--average-every", "local", "average_every", int, "local: steps between parameter averages H (default 8)"),
         ("--outer-optimizer", "local", "outer_optimizer", str, f"local: {', '.join(OUTER_OPTIMIZERS)}; sgd/nesterov apply "

@@ -10,6 +10,7 @@ class Sync(Strategy):
     summary = "synchronous data-parallel SGD: gradients averaged among the replicas every step"
     engine = "ray_train.strategies.sync.engine:SyncEngine"
     pipelined = True
+    resizes = True
 
 
 STRATEGY = Sync()
