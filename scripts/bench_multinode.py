@@ -9,6 +9,11 @@ with no CPUs for the drivers and two 1-CPU worker nodes), side by side, interlea
   raytrain  Ray Train's TorchTrainer (DDP over gloo), ScalingConfig(num_workers=2), on the same two
             1-CPU nodes.
 
+With ``--four``, two more cases per round put 4 replicas of half a CPU on the same two nodes, 2 on
+each: ``across4_hier`` (auto: shared memory inside each node, gloo between the nodes' leaders,
+ray_train/worker/hier.py) against ``across4_gloo`` (``--allreduce gloo``: one flat allreduce among all
+4). Four replicas on two cores measure the averaging's cost, not a speed-up.
+
 The same job as scripts/benchmark.py's core cases: Nielsen's net B, MNIST-5k, plain SGD 0.05,
 batch 64 per worker. Ours runs through the CLI, as a user runs it (``python -m ray_train --address
 <the fake cluster>``, a fresh driver process per case; evaluation, checkpoints and TensorBoard each
@@ -44,6 +49,7 @@ sys.path.insert(0, ROOT)
 MODEL, LR, BATCH, WORKERS = "net_b", 0.05, 64, 2
 TRAIN = 3500  # mnist5k's training split (less its validation)
 CASES = ("across", "single", "raytrain")
+FOUR = ("across4_hier", "across4_gloo")
 
 
 # -- Ray Train, in a driver process of its own (this file run with --raytrain) --------------------
@@ -117,13 +123,15 @@ def _env() -> dict:
     return env
 
 
-def ours(address: str, placement: str, steps: int, warmup: int) -> dict:
+def ours(address: str, placement: str, steps: int, warmup: int, replicas: int = WORKERS, cpus: float = 1.0,
+         allreduce: str = "auto") -> dict:
     """``python -m ray_train --address ...``, a driver process of its own; figures from summary.json."""
-    spe = TRAIN // WORKERS // BATCH
+    spe = TRAIN // replicas // BATCH
     epochs = -(-(steps + warmup) // spe)
     storage = tempfile.mkdtemp(prefix="multinode-bench-")
     argv = [sys.executable, "-m", "ray_train", "--address", address, "--model", MODEL, "--optimizer", "sgd",
-            "--lr", str(LR), "--batch-size", str(BATCH), "--replicas", str(WORKERS), "--placement", placement,
+            "--lr", str(LR), "--batch-size", str(BATCH), "--replicas", str(replicas), "--cpus-per-replica", f"{cpus:g}",
+            "--allreduce", allreduce, "--placement", placement,
             "--epochs", str(epochs), "--no-progress", "--storage", storage, "--run-name", "bench"]
     proc = subprocess.run(argv, cwd=ROOT, env=_env(), capture_output=True, text=True)
     if proc.returncode != 0:
@@ -149,7 +157,7 @@ def _load() -> float:
     return os.getloadavg()[0]
 
 
-def bench(steps: int = 300, warmup: int = 10, repeat: int = 3) -> dict:
+def bench(steps: int = 300, warmup: int = 10, repeat: int = 3, four: bool = False) -> dict:
     """Every case once per round, ``repeat`` rounds, the order rotated each round; medians and
     per-round ratios. Starts and stops its own cluster of fake nodes."""
     from ray.cluster_utils import Cluster
@@ -167,9 +175,10 @@ def bench(steps: int = 300, warmup: int = 10, repeat: int = 3) -> dict:
         cluster.wait_for_nodes()
         pair = {w.node_id for w in workers}
         address = cluster.address
+        cases = CASES + (FOUR if four else ())
         for k in range(repeat):
             results = {}
-            for case in CASES[k % len(CASES):] + CASES[: k % len(CASES)]:
+            for case in cases[k % len(cases):] + cases[: k % len(cases)]:
                 print(f"[bench multinode] round {k + 1}/{repeat} {case} ...", file=sys.stderr, flush=True)
                 t0 = time.perf_counter()
                 if case == "single":
@@ -183,6 +192,9 @@ def bench(steps: int = 300, warmup: int = 10, repeat: int = 3) -> dict:
                 elif case == "across":
                     results[case] = ours(address, "SPREAD", steps, warmup)
                     assert set(results[case]["nodes"]) == pair, results[case]["nodes"]
+                elif case in FOUR:
+                    results[case] = ours(address, "SPREAD", steps, warmup, 2 * WORKERS, 0.5, case.split("_")[1])
+                    assert sorted(results[case]["nodes"]) == sorted(list(pair) * 2), results[case]["nodes"]
                 else:
                     results[case] = run_raytrain(address, steps, warmup)
                     assert set(results[case]["nodes"]) == pair, results[case]["nodes"]
@@ -193,13 +205,19 @@ def bench(steps: int = 300, warmup: int = 10, repeat: int = 3) -> dict:
             rounds.append(results)
     finally:
         cluster.shutdown()
-    median = {c: statistics.median(r[c]["samples_per_s"] for r in rounds) for c in CASES}
-    ratios = lambda f: {"across_vs_single": f["across"] / f["single"], "across_vs_raytrain": f["across"] / f["raytrain"]}
+    median = {c: statistics.median(r[c]["samples_per_s"] for r in rounds) for c in cases}
+
+    def ratios(f: dict) -> dict:
+        out = {"across_vs_single": f["across"] / f["single"], "across_vs_raytrain": f["across"] / f["raytrain"]}
+        if four:
+            out["across4_hier_vs_gloo"] = f["across4_hier"] / f["across4_gloo"]
+        return out
+
     cores = os.cpu_count() or 1
     return {"samples_per_s": median, "ratios": ratios(median),
-            "ratios_per_round": [ratios({c: r[c]["samples_per_s"] for c in CASES}) for r in rounds],
-            "targets": {"across_vs_single": 0.85, "across_vs_raytrain": 1.3},
-            "allreduce": {c: rounds[0][c].get("allreduce") for c in ("across", "single")},
+            "ratios_per_round": [ratios({c: r[c]["samples_per_s"] for c in cases}) for r in rounds],
+            "targets": {"across_vs_single": 0.85, "across_vs_raytrain": 1.3, "across4_hier_vs_gloo": None},
+            "allreduce": {c: rounds[0][c].get("allreduce") for c in cases if c != "raytrain"},
             "load_average": {"min": min(loads), "max": max(loads), "cores": cores},
             "loaded": max(loads) > cores, "rounds": rounds}
 
@@ -209,6 +227,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=300, help="timed steps per worker (default 300)")
     p.add_argument("--warmup", type=int, default=10, help="untimed warm-up steps (default 10)")
     p.add_argument("--repeat", type=int, default=3, help="rounds, the case order rotated each (default 3)")
+    p.add_argument("--four", action="store_true", help="add 4 replicas on the 2 nodes: hierarchical against flat gloo")
     p.add_argument("--raytrain", metavar="ADDRESS", help=argparse.SUPPRESS)  # a Ray Train driver of its own
     args = p.parse_args()
     if args.raytrain:
@@ -217,7 +236,7 @@ def main() -> None:
     report = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="minutes"),
               "machine": f"{os.cpu_count()} CPU cores, {platform.machine()}, {platform.system()}",
               "command": "python " + " ".join(sys.argv), "steps": args.steps, "warmup": args.warmup,
-              "repeat": args.repeat, "model": MODEL, **bench(args.steps, args.warmup, args.repeat)}
+              "repeat": args.repeat, "model": MODEL, **bench(args.steps, args.warmup, args.repeat, args.four)}
     print(json.dumps(report, indent=2))
 
 

@@ -417,7 +417,7 @@ def latest_table(report: dict) -> str:
                   "", "| case | samples/s |", "|---|---:|"]
         lines += [f"| {k} | {v:,.0f} |" for k, v in m["samples_per_s"].items()]
         lines += ["", "| ratio | median | per round | target |", "|---|---:|---|---:|"]
-        lines += [f"| {k} | {v:.2f} | {', '.join(f'{r[k]:.2f}' for r in m['ratios_per_round'])} | {m['targets'][k]} |"
+        lines += [f"| {k} | {v:.2f} | {', '.join(f'{r[k]:.2f}' for r in m['ratios_per_round'])} | {m['targets'][k] or ''} |"
                   for k, v in m["ratios"].items()]
     others = [k for k in ("async", "ensemble", "regimes", "pipeline") if k in report]
     if others:
