@@ -358,7 +358,7 @@ def extras(names: list[str], steps: int, warmup: int, repeat: int = 3) -> dict:
         if name == "multinode":  # a cluster of fake nodes of its own, with drivers joining it
             print(f"[bench] {name} ...", file=sys.stderr, flush=True)
             proc = subprocess.run([sys.executable, path, "--steps", str(steps), "--warmup", str(warmup), "--repeat",
-                                   str(repeat)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+                                   str(repeat), "--four"], cwd=ROOT, stdout=subprocess.PIPE, text=True)
             if proc.returncode != 0:
                 raise SystemExit(f"benchmark section {name} failed with status {proc.returncode}")
             out[name] = json.loads(proc.stdout)
