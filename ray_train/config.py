@@ -20,7 +20,7 @@ from ray_train.fields import (CUSTOM_LOSS, DEFAULT_LR, LOSSES, OPTIMIZERS, _choi
 
 DATASETS = ("mnist5k", "mnist", "synthetic")
 SCHEDULES = ("constant", "step", "inverse", "plateau")
-ALLREDUCE = ("auto", "gloo", "nccl", "shm")
+ALLREDUCE = ("auto", "gloo", "nccl", "shm", "hier")
 INITS = ("scaled", "normal")
 L2_COSTS = ("network2", "network3")
 PLACEMENTS = ("PACK", "SPREAD")
@@ -293,8 +293,10 @@ class RunConfig:
     log_every: int = 10
     """Steps between streamed training metrics (and progress-bar updates)."""
     allreduce: str = "auto"
-    """Gradient averaging in sync SGD: auto (shared memory between replicas on one node's CPUs,
-    NCCL when every replica has its own GPU, else gloo), gloo, nccl or shm."""
+    """Gradient averaging in sync SGD: auto (shared memory between replicas on one node's CPUs;
+    hier for CPU replicas on several nodes with two or more on some node; NCCL when every replica
+    has its own GPU; else gloo), gloo, nccl, shm (across nodes: hier) or hier (inside each node,
+    then among one leader per node: shared memory and gloo on CPUs, NCCL at both levels on GPUs)."""
     precision: str = "fp32"
     """Arithmetic of forward and loss: fp32, bf16 or fp16 (autocast; fp16 with a loss scale);
     parameters, gradients, their averaging and parameter shards stay float32."""
@@ -348,6 +350,9 @@ def check_allreduce(kind: str, gpus: float) -> None:
     if kind == "shm" and gpus > 0:
         raise ConfigError(f"run.allreduce: shm averages gradients in host memory, for replicas on CPUs, but "
                           f"resources.gpus_per_replica is {gpus:g}; use auto, nccl (a GPU each) or gloo")
+    if kind == "hier" and gpus and (gpus < 1 or gpus != int(gpus)):
+        raise ConfigError(f"run.allreduce: hier on GPUs runs NCCL inside and between the nodes, a whole GPU per "
+                          f"replica, but resources.gpus_per_replica is {gpus:g}; use auto or gloo")
     if kind == "nccl" and (gpus < 1 or gpus != int(gpus)):
         raise ConfigError(f"run.allreduce: nccl needs a whole GPU per replica (one communicator per device), but "
                           f"resources.gpus_per_replica is {gpus:g}; use auto or gloo"

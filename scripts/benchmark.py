@@ -14,7 +14,8 @@ Each system runs in a fresh subprocess, so its whole-run wall time (interpreter,
 start-up, data) is measured too. Every case runs once per round, ``--repeat`` rounds (default 3):
 the report gives each case's median and the ratios per round. The async, ensemble, regimes, pipeline and data
 sections come from scripts/bench_async.py, scripts/bench_ensemble.py, scripts/bench_regimes.py,
-scripts/bench_pipeline.py and scripts/bench_data.py.
+scripts/bench_pipeline.py and scripts/bench_data.py; the multinode section (sync across two fake Ray nodes
+against one node and against Ray Train) from scripts/bench_multinode.py, in a process of its own.
 
 Prints one JSON document on stdout and writes a PNG bar chart (``--out``, default bench/).
 Compare ratios within one run only: the machines are shared and noisy.
@@ -366,12 +367,20 @@ def core(steps: int, warmup: int, repeat: int, cases: list[str] | None = None, r
     return {"results": median, "ratios": core_ratios(median), "rounds": rounds, "ratios_per_round": per_round}
 
 
-def extras(names: list[str], steps: int, warmup: int) -> dict:
+def extras(names: list[str], steps: int, warmup: int, repeat: int = 3) -> dict:
     """The async, ensemble, regimes, pipeline and data sections, in this process on one local Ray cluster."""
     out = {}
     for name in names:
         path = os.path.join(ROOT, "scripts", f"bench_{name}.py")
         if not os.path.exists(path):
+            continue
+        if name == "multinode":  # a cluster of fake nodes of its own, with drivers joining it
+            print(f"[bench] {name} ...", file=sys.stderr, flush=True)
+            proc = subprocess.run([sys.executable, path, "--steps", str(steps), "--warmup", str(warmup), "--repeat",
+                                   str(repeat), "--four"], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+            if proc.returncode != 0:
+                raise SystemExit(f"benchmark section {name} failed with status {proc.returncode}")
+            out[name] = json.loads(proc.stdout)
             continue
         import importlib.util
 
@@ -420,6 +429,15 @@ def latest_table(report: dict) -> str:
         lines += ["", "| ratio | median | per round |", "|---|---:|---|"]
         lines += [f"| {k} | {v:.2f} | {', '.join(f'{r[k]:.2f}' for r in report['core']['ratios_per_round'])} |"
                   for k, v in report["core"]["ratios"].items()]
+    if "multinode" in report:
+        m = report["multinode"]
+        lines += ["", f"Multinode (fake Ray nodes on this machine{', loaded' if m['loaded'] else ''}: load average "
+                  f"{m['load_average']['min']:.1f}-{m['load_average']['max']:.1f} on {m['load_average']['cores']} cores):",
+                  "", "| case | samples/s |", "|---|---:|"]
+        lines += [f"| {k} | {v:,.0f} |" for k, v in m["samples_per_s"].items()]
+        lines += ["", "| ratio | median | per round | target |", "|---|---:|---|---:|"]
+        lines += [f"| {k} | {v:.2f} | {', '.join(f'{r[k]:.2f}' for r in m['ratios_per_round'])} | {m['targets'][k] or ''} |"
+                  for k, v in m["ratios"].items()]
     others = [k for k in ("async", "ensemble", "regimes", "pipeline") if k in report]
     if others:
         lines += ["", "Sections " + ", ".join(others) + " are in bench/benchmark.json."]
@@ -431,8 +449,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=300, help="timed steps per system (default 300)")
     p.add_argument("--warmup", type=int, default=10, help="untimed warm-up steps (default 10)")
     p.add_argument("--repeat", type=int, default=3, help="rounds of the core cases; medians reported (default 3)")
-    p.add_argument("--only", nargs="+", default=["core", "async", "ensemble", "regimes", "pipeline", "data"],
-                   choices=["core", "async", "ensemble", "regimes", "pipeline", "data"],
+    p.add_argument("--only", nargs="+", default=["core", "async", "ensemble", "regimes", "pipeline", "data", "multinode"],
+                   choices=["core", "async", "ensemble", "regimes", "pipeline", "data", "multinode"],
                    help="sections to run (default all)")
     p.add_argument("--cases", nargs="+", choices=list(PLAN), default=None,
                    help="core cases to run (default all; ratios only where both sides ran)")
@@ -454,8 +472,8 @@ def main() -> None:
               "warmup": args.warmup, "repeat": args.repeat, "model": MODEL}
     if "core" in args.only:
         report["core"] = core(args.steps, args.warmup, args.repeat, args.cases, args.ray_defaults)
-    report.update(extras([n for n in ("async", "ensemble", "regimes", "pipeline", "data") if n in args.only], args.steps,
-                         args.warmup))
+    report.update(extras([n for n in ("async", "ensemble", "regimes", "pipeline", "data", "multinode") if n in args.only],
+                         args.steps, args.warmup, args.repeat))
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "benchmark.json"), "w") as fh:
         json.dump(report, fh, indent=2)

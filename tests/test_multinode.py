@@ -34,6 +34,13 @@ def _config(strategy: str, storage, name: str, placement: str) -> dict:
     return cfg
 
 
+def _four(storage, name: str, placement: str) -> dict:
+    """Sync with four replicas of half a CPU: two on each 1-CPU node (SPREAD), or four on one node."""
+    cfg = _config("sync", storage, name, placement)
+    cfg["resources"].update(replicas=4, cpus_per_replica=0.5)
+    return cfg
+
+
 @pytest.fixture(scope="module")
 def cluster():
     from ray.cluster_utils import Cluster
@@ -58,11 +65,13 @@ def runs(cluster, tmp_path_factory):
     storage = tmp_path_factory.mktemp("multinode")
     across = {s: fit(_config(s, storage, f"{s}-across", "SPREAD"), tensorboard=False, progress=False)
               for s in ACROSS}
+    across["sync4"] = fit(_four(storage, "sync4-across", "SPREAD"), tensorboard=False, progress=False)
     big = c.add_node(num_cpus=2)
     c.wait_for_nodes()
     try:
         single = {s: fit(_config(s, storage, f"{s}-single", "PACK"), tensorboard=False, progress=False)
                   for s in ("sync", "async")}
+        single["sync4"] = fit(_four(storage, "sync4-single", "PACK"), tensorboard=False, progress=False)
     finally:
         c.remove_node(big)
     return storage, worker_ids, big.node_id, across, single
@@ -94,6 +103,21 @@ def test_sync_crosses_nodes_over_gloo_with_the_numbers_of_one_node(runs):
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
     # local mixes over the same cross-node process group
     assert across["local"]["allreduce"] == "DistAllreduce"
+
+
+def test_sync_with_two_replicas_on_each_of_two_nodes_averages_in_two_levels(runs):
+    """Shared memory inside each node, gloo between the two nodes' leaders: the parameters of the
+    same job with its four replicas on one node (shared memory alone), to 1e-5."""
+    storage, worker_ids, big_id, across, single = runs
+    summary = across["sync4"]
+    assert sorted(summary["nodes"]["replicas"]) == sorted(worker_ids * 2)
+    assert summary["allreduce"] == "HierarchicalAllreduce"
+    assert single["sync4"]["allreduce"] == "SharedMemoryAllreduce"
+    assert single["sync4"]["nodes"]["replicas"] == [big_id] * 4
+    a = torch.load(storage / "sync4-across" / "model-last.pt", weights_only=False)["model"]
+    b = torch.load(storage / "sync4-single" / "model-last.pt", weights_only=False)["model"]
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
+    assert summary["test_accuracy"] > 0.6
 
 
 def test_downpour_reaches_shards_on_other_nodes_by_ray_calls(runs):

@@ -81,6 +81,27 @@ class DistAllreduce:
         pass
 
 
+def grad_buckets(params: list[torch.nn.Parameter], itemsize: int,
+                 bucket_bytes: int) -> tuple[list[tuple[int, int]], list[int]]:
+    """Buckets of a flat gradient (``flatten_grads(params)``) in the order backward fills them:
+    runs of consecutive parameters, last to first, up to ``bucket_bytes`` each (a parameter larger
+    than that is a bucket of its own). Returns each bucket's (lo, hi) in the flat buffer, in that
+    order, and the bucket of each parameter."""
+    offsets = [0]
+    for p in params:
+        offsets.append(offsets[-1] + p.numel())
+    bounds: list[tuple[int, int]] = []
+    bucket_of = [0] * len(params)
+    hi = len(params)
+    for i in reversed(range(len(params))):
+        if i + 1 < hi and (offsets[hi] - offsets[i]) * itemsize > bucket_bytes:
+            bounds.append((offsets[i + 1], offsets[hi]))
+            hi = i + 1
+        bucket_of[i] = len(bounds)
+    bounds.append((offsets[0], offsets[hi]))
+    return bounds, bucket_of
+
+
 class GradBuckets:
     """Bucketed all_reduce of the flat gradient ``flat`` (``flatten_grads(params)``) started from
     backward: buckets are runs of consecutive parameters, last to first (the order backward produces
@@ -93,18 +114,8 @@ class GradBuckets:
     def __init__(self, params: list[torch.nn.Parameter], flat: torch.Tensor, world_size: int,
                  bucket_bytes: int = BUCKET_BYTES) -> None:
         self.world_size, self.flat = world_size, flat
-        offsets = [0]
-        for p in params:
-            offsets.append(offsets[-1] + p.numel())
-        self.bounds: list[tuple[int, int]] = []  # (lo, hi) of each bucket in flat, in launch order
-        self.bucket_of: list[int] = [0] * len(params)
-        hi = len(params)
-        for i in reversed(range(len(params))):
-            if i + 1 < hi and (offsets[hi] - offsets[i]) * flat.element_size() > bucket_bytes:
-                self.bounds.append((offsets[i + 1], offsets[hi]))
-                hi = i + 1
-            self.bucket_of[i] = len(self.bounds)
-        self.bounds.append((offsets[0], offsets[hi]))
+        # (lo, hi) of each bucket in flat, in launch order; the bucket of each parameter
+        self.bounds, self.bucket_of = grad_buckets(params, flat.element_size(), bucket_bytes)
         self.size = [self.bucket_of.count(b) for b in range(len(self.bounds))]
         self.left = list(self.size)
         self.works: list = [None] * len(self.bounds)

@@ -18,20 +18,26 @@ PEER_DEATH_TIMEOUT_S = PG_TIMEOUT.total_seconds()
 QUEUE = 2  # chunks queued per replica: the actors never wait for the driver, and a stop is prompt
 
 
-def choose_allreduce(cfg: TrainConfig, nodes: set[str]) -> tuple[str, bool]:
-    """(torch.distributed backend, use shared memory) for this group's placement."""
+def choose_allreduce(cfg: TrainConfig, nodes: list[str]) -> tuple[str, str]:
+    """(torch.distributed backend, how) for this group's placement, ``nodes`` the Ray node id of
+    each rank. How: "flat" (one all_reduce among all replicas), "shm" (one node's shared memory)
+    or "hier" (worker/hier.py: inside each node, then among one leader per node)."""
     res, kind = cfg.resources, cfg.run.allreduce
     own_gpu = res.gpus_per_replica >= 1
+    several = len(set(nodes)) > 1
+    crowded = max(nodes.count(n) for n in nodes) > 1 if nodes else False  # a node holds two or more
     if kind == "auto":
         if own_gpu:
-            kind = "nccl"
-        elif res.gpus_per_replica == 0 and len(nodes) == 1 and res.replicas > 1:
-            kind = "shm"
+            kind = "nccl"  # NCCL's own rings and trees already follow the nodes (docs/cluster.md)
+        elif res.gpus_per_replica == 0 and res.replicas > 1 and (not several or crowded):
+            kind = "hier" if several else "shm"
         else:
             kind = "gloo"
+    elif kind == "shm" and several:
+        kind = "hier"  # shared memory where replicas share a node, gloo between the nodes
     # Replicas sharing one GPU cannot use NCCL (one communicator per device): gloo it is.
-    backend = "nccl" if kind == "nccl" else "gloo"
-    return backend, kind == "shm"
+    backend = "nccl" if kind == "nccl" or (kind == "hier" and own_gpu) else "gloo"
+    return backend, kind if kind in ("shm", "hier") else "flat"
 
 
 class ReplicaGroup:
@@ -85,13 +91,31 @@ class ReplicaGroup:
         import ray
 
         from ray_train.worker.comm import SharedMemoryAllreduce
+        from ray_train.worker.hier import Hierarchy
 
         if len(actors) == 1:
             return "none", None
-        backend, shm = choose_allreduce(cfg, {i["node_id"] for i in info})
+        nodes = [i["node_id"] for i in info]
+        backend, how = choose_allreduce(cfg, nodes)
         port = ray.get(actors[0].free_port.remote())
-        name = SharedMemoryAllreduce.new_name() if shm else None
-        return ray.get([a.connect.remote(info[0]["address"], port, backend, name) for a in actors])[0], name
+        name = SharedMemoryAllreduce.new_name() if how == "shm" else None
+        # on CPUs, shared memory inside the nodes where stores are ordered (else gloo groups there)
+        hier = (Hierarchy.plan(nodes, cfg.resources.gpus_per_replica == 0 and SharedMemoryAllreduce.ORDERED_STORES)
+                if how == "hier" else None)
+        return ray.get([a.connect.remote(info[0]["address"], port, backend, name, *([hier] if hier else []))
+                        for a in actors])[0], name
+
+    def averaging(self) -> str:
+        """How the gradients are averaged, for the run's first lines: the averaging's name, and for
+        hierarchical averaging where each level runs."""
+        if self.comm != "HierarchicalAllreduce":
+            return self.comm
+        from ray_train.worker.comm import SharedMemoryAllreduce
+        from ray_train.worker.hier import Hierarchy
+
+        gpus = any(i["device"].startswith("cuda") for i in self.info)  # whole GPUs (config.check_allreduce)
+        hierarchy = Hierarchy.plan([i["node_id"] for i in self.info], not gpus and SharedMemoryAllreduce.ORDERED_STORES)
+        return f"{self.comm} ({hierarchy.describe('NCCL' if gpus else 'gloo')})"
 
     def train_epoch(self, epoch: int, lr: float, start: int, chunk: int, on_chunk, should_stop) -> bool:
         """Run the epoch from step ``start`` as chunks of ``chunk`` steps, QUEUE of them queued on

@@ -112,13 +112,21 @@ class Replica:
     def free_port(self) -> int:
         return free_port()
 
-    def connect(self, address: str, port: int, backend: str, shm_name: str | None) -> str:
-        """Join the group's process group; with ``shm_name``, average through shared memory."""
+    def connect(self, address: str, port: int, backend: str, shm_name: str | None, hierarchy=None) -> str:
+        """Join the group's process group; with ``shm_name``, average through shared memory; with
+        ``hierarchy`` (worker/hier.py), inside each node and then among one leader per node."""
         import torch.distributed as dist
 
         dist.init_process_group(backend, init_method=f"tcp://{address}:{port}", rank=self.ctx.rank,
                                 world_size=self.ctx.world_size, timeout=PG_TIMEOUT)
-        if shm_name is None and self.overlap_grads and not self.cfg.optim.l1:
+        hooked = self.overlap_grads and not self.cfg.optim.l1
+        if hierarchy is not None:
+            from ray_train.worker.hier import connect_hierarchical
+
+            self.comm = connect_hierarchical(hierarchy, self.ctx.rank, backend, self.grad.numel(),
+                                             *((self.params, self.grad) if hooked else ()),
+                                             bucket_bytes=self.bucket_bytes)
+        elif shm_name is None and hooked:
             # (L1 is added to the gradients after backward: averaged once backward is over, then.)
             self.comm = GradBuckets(self.params, self.grad, self.ctx.world_size, self.bucket_bytes)
         elif shm_name is None:

@@ -150,7 +150,7 @@ class LocalEngine(SyncEngine):
             mix = f"elastic pull toward a centre (EASGD, alpha {local.elastic_alpha:g})"
         return (f"model averaging (local SGD): {n} replica{'s' if n != 1 else ''} on "
                 f"{sorted({i['device'] for i in self.group.info})}, every {local.average_every} steps: {mix} "
-                f"(through {self.group.comm})")
+                f"(through {self.group.averaging()})")
 
     def state(self) -> dict:
         return {**super().state(), "local": self.group.get([a.local_state.remote() for a in self.group.actors])}

@@ -49,7 +49,7 @@ class SyncEngine(Engine):
         pipeline = (f", {pipe.stages} stages x {pipe.micro_batches} micro-batches ({pipe.schedule})"
                     if pipe.stages > 1 else "")
         return (f"sync SGD: {n} replica{'s' if n != 1 else ''} on {devices}{pipeline}, "
-                f"gradient averaging: {self.group.comm}")
+                f"gradient averaging: {self.group.averaging()}")
 
     def train_epoch(self, epoch, lr, start, on_chunk, should_stop) -> bool:
         step = epoch * self.epoch_steps() + start
