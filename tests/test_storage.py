@@ -143,6 +143,9 @@ def test_killed_driver_resumed_from_the_bucket_ends_as_the_uninterrupted_run(run
     names = storage.listdir(f"{runs['killed']}/checkpoints")
     assert f"ckpt-{EPOCHS:06d}.pt" in names and all(n.startswith("ckpt-") for n in names)
     assert {"run.json", "model.pt", "model-last.pt", "ray.log"} <= set(storage.listdir(runs["killed"]))
+    from ray_train.prediction import predict
+
+    assert predict(runs["killed"])["accuracy"] == pytest.approx(summary["best_test_accuracy"])  # model.pt, read back
 
 
 def test_tensorboard_reads_the_runs_scalars_from_the_bucket(runs):

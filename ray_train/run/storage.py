@@ -231,7 +231,7 @@ class Mirror:
         while not self.stop.wait(self.every_s):
             try:
                 self.sync()
-            except Exception as exc:  # noqa: BLE001 - the run goes on; close() tries again and raises
+            except Exception as exc:  # noqa: BLE001 - the run goes on; the next sync and close() try again
                 if not self.warned:
                     self.warned = True
                     print(f"warning: uploading event files to {self.remote} failed ({_first_line(exc)}); "
