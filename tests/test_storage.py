@@ -7,7 +7,6 @@ credentials and an unknown scheme are one-line errors (exit 2) before Ray starts
 import io
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -196,7 +195,9 @@ def test_refused_credentials_are_one_line_before_ray_starts(s3):
     assert "cluster:" not in out  # the cluster line is the first thing a started run prints
 
 
-def test_an_unknown_scheme_and_a_resume_of_nothing_are_one_line(s3, capsys):
+def test_an_unknown_scheme_a_resume_of_nothing_and_compare_on_a_uri_are_one_line(s3, capsys):
     assert "unknown scheme foo://" in one_line_error(capsys, [*ARGS, "--storage", "foo://somewhere/runs"])
     line = one_line_error(capsys, ["--resume", f"s3://{BUCKET}/runs/never-ran"])
     assert "no such run folder" in line
+    line = one_line_error(capsys, ["compare", "--storage", f"s3://{BUCKET}/runs"])
+    assert "compare writes to a local folder" in line
