@@ -32,6 +32,7 @@ from ray_train.data.loaders import load_dataset
 from ray_train.data.streams import Streams
 from ray_train.errors import ConfigError
 from ray_train.network import CUSTOM, check_model, model_factory
+from ray_train.run import storage
 from ray_train.run.checkpoint import CheckpointStore
 from ray_train.run.files import write_json
 from ray_train.run.outputs import make_run_dir
@@ -52,6 +53,7 @@ def fit(config: TrainConfig | Mapping | str | None = None, model=None, data=None
     from ray_train.cluster import local_resources
 
     cfg = as_config(config)
+    storage.check(cfg.run.storage)  # a bucket that is not there, credentials refused: before Ray starts
     # a run the local cluster about to start cannot hold fails now, not after Ray's start-up
     local = local_resources(address)
     if local is not None:
@@ -174,13 +176,7 @@ def _run(cfg: TrainConfig, data: Dataset, factory, custom, tensorboard: bool, pr
 
 def _run_logged(cfg: TrainConfig, data: Dataset, factory, custom, tensorboard: bool, progress, out, on_epoch,
                 address: str | None, verbose: bool, headers: bool) -> dict:
-    import ray
-
-    from ray_train import raylog
-    from ray_train.cluster import factory_failure, init_ray
-    from ray_train.metrics.sink import MetricsSink
-    from ray_train.metrics.tensorboard import NullLogger, TensorBoardLogger, logged_steps
-    from ray_train.run.job import Job
+    from ray_train.cluster import init_ray
 
     t_start = time.perf_counter()
     strategy = strategies.get(cfg.run.strategy)
@@ -189,12 +185,29 @@ def _run_logged(cfg: TrainConfig, data: Dataset, factory, custom, tensorboard: b
     if headers:
         print(cluster, file=out, flush=True)
     strategy.check_resources(cfg)
-    streamed = getattr(data, "streamed", False)
-    if streamed:
+    if getattr(data, "streamed", False):
         data.check_cpus(sum(b.get("CPU", 0.0) for b in strategy.bundles(cfg)))
-    name = cfg.run_name
+    name = cfg.run_name  # a default name holds the time: taken once
     run_dir = make_run_dir(cfg, name)
-    raylog.LOG.to_file(os.path.join(run_dir, "ray.log"))
+    # event files and ray.log grow: with a URI for storage they are written on the driver and uploaded
+    with storage.driver_folder(run_dir) as mirror:
+        return _train(cfg, strategy, data, factory, custom, tensorboard, progress, out, on_epoch, headers, name,
+                      run_dir, mirror, t_start)
+
+
+def _train(cfg: TrainConfig, strategy, data: Dataset, factory, custom, tensorboard: bool, progress, out, on_epoch,
+           headers: bool, name: str, run_dir: str, mirror, t_start: float) -> dict:
+    import ray
+
+    from ray_train import raylog
+    from ray_train.cluster import factory_failure
+    from ray_train.metrics.sink import MetricsSink
+    from ray_train.metrics.tensorboard import NullLogger, TensorBoardLogger, logged_steps
+    from ray_train.run.job import Job
+
+    streamed = getattr(data, "streamed", False)
+    logs = mirror.local if mirror else run_dir
+    raylog.LOG.to_file(os.path.join(logs, "ray.log"))
     raylog.note(f"run {name} in {run_dir}")
     checkpoints = CheckpointStore(run_dir, keep=cfg.run.keep_checkpoints)
     found, skip_logged = None, {}
@@ -210,8 +223,10 @@ def _run_logged(cfg: TrainConfig, data: Dataset, factory, custom, tensorboard: b
             print(f"resuming from {found[1]} (epoch {found[0]['epoch']}, step {found[0]['step']})", file=out, flush=True)
     # TensorBoard drops the points an interrupted run wrote after its checkpoint (purge_step)
     purge = found[0]["step"] + 1 if found else None
-    logger = TensorBoardLogger(run_dir, purge_step=purge) if tensorboard else NullLogger()
+    logger = TensorBoardLogger(logs, purge_step=purge) if tensorboard else NullLogger()
     sink = MetricsSink(logger, out=out, progress=progress, skip_logged=skip_logged)
+    if mirror:  # each epoch's points reach the bucket before the next epoch starts
+        on_epoch = _then_upload(on_epoch, logger, mirror)
     print(f"run {name}: {cfg.run.strategy} {cfg.model.name} on {data.name} "
           f"({len(data.y_train)} train / " + (f"{len(data.y_val)} validation / " if data.has_validation else "")
           + f"{len(data.y_test)} test), logs in {run_dir}", file=out, flush=True)
@@ -247,6 +262,15 @@ def _run_logged(cfg: TrainConfig, data: Dataset, factory, custom, tensorboard: b
     if tensorboard and headers:
         print(f"watch it: tensorboard --logdir {cfg.run.storage}", file=out, flush=True)
     return summary
+
+
+def _then_upload(on_epoch, logger, mirror):
+    def call(record: dict) -> None:
+        if on_epoch is not None:
+            on_epoch(record)
+        logger.flush()
+        mirror.sync()
+    return call
 
 
 def _print_regression(summary: dict, run_dir: str, out) -> None:

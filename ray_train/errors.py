@@ -20,6 +20,10 @@ class DataError(UserError):
     """Offline, corrupt or truncated data files; the message names the file and what to do."""
 
 
+class StorageError(UserError):
+    """A --storage URI that cannot be used: unknown scheme, no such bucket, credentials refused."""
+
+
 class ResourceError(UserError):
     """The cluster cannot place what the run asks for."""
 

@@ -205,6 +205,9 @@ def run_compare(values: dict, overrides: dict, regimes: list[str], target: float
                 verbose: bool = False) -> tuple[str, list]:
     """Each regime via ray_train.fit on one Ray cluster; returns (the compare folder, the rows)."""
     storage = build_config(values, overrides).run.storage  # the job's own mistakes come before Ray and torch
+    from ray_train.run.storage import local_only
+
+    local_only(storage, "compare")
     from ray_train import raylog
     from ray_train.api import fit
     from ray_train.cluster import init_ray, local_resources

@@ -61,7 +61,7 @@ COMMON_FLAGS: list[Flag] = [
     ("--dropout", "model", "dropout", float, "dropout on fully connected layers (default: the network's own)"),
     ("--seed", "run", "seed", int, "seed for initialisation and data order (default 0)"),
     ("--run-name", "run", "run_name", str, "run folder name (default <strategy>-<model>-<time>)"),
-    ("--storage", "run", "storage", str, "where run folders go (default runs)"),
+    ("--storage", "run", "storage", str, "where run folders go: a folder or a bucket, s3://BUCKET/PATH or gs://BUCKET/PATH (default runs)"),
     ("--eval-every", "run", "eval_every", int, "evaluate every N epochs (default 1)"),
     ("--log-every", "run", "log_every", int, "steps between streamed training metrics (default 10)"),
     ("--allreduce", "run", "allreduce", str, f"gradient averaging for sync: {', '.join(ALLREDUCE)} (default auto)"),

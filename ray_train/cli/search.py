@@ -278,6 +278,9 @@ def run_search(values: dict, overrides: dict, params: list[Param], trials: int, 
 
     out = out or sys.stdout
     base = build_config(values, overrides)
+    from ray_train.run.storage import local_only
+
+    local_only(base.run.storage, "search")
     local = local_resources(address)
     if local is not None:  # one trial the local cluster cannot hold fails before it starts
         strategies.get(base.run.strategy).check_resources(base, total=local)

@@ -46,6 +46,7 @@ def _resume_values(run_dir: str, values: dict, overrides: dict) -> dict:
     folder and name stay those of the resumed run, and its strategy cannot change."""
     import os
 
+    from ray_train.run import storage
     from ray_train.run.checkpoint import read_run_file
 
     stored = read_run_file(run_dir)
@@ -55,7 +56,7 @@ def _resume_values(run_dir: str, values: dict, overrides: dict) -> dict:
     merged = {name: {**(section or {}), **(values.get(name) or {})} for name, section in stored["config"].items()}
     for name in values:
         merged.setdefault(name, values[name])
-    path = os.path.normpath(run_dir)
+    path = storage.normpath(run_dir)
     overrides.setdefault("run", {}).update(
         run_name=os.path.basename(path), storage=os.path.dirname(path) or ".", resume=path)
     return merged

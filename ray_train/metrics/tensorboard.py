@@ -74,7 +74,16 @@ class TensorBoardLogger:
 
 
 def logged_steps(log_dir: str) -> dict[str, int]:
-    """The last step of every scalar tag already in ``log_dir``'s event files."""
+    """The last step of every scalar tag already in ``log_dir``'s event files (a URI's are read
+    from a local copy)."""
+    from ray_train.run import storage
+
+    if storage.is_uri(log_dir):
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="ray_train-events-") as local:
+            storage.download(log_dir, "events.out.tfevents", local)
+            return logged_steps(local)
     if not os.path.isdir(log_dir):
         return {}
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

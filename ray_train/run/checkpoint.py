@@ -14,6 +14,7 @@ import re
 import sys
 
 from ray_train.errors import CheckpointError, UserError
+from ray_train.run import storage
 from ray_train.run.files import atomic_write, save_atomic
 
 CKPT_DIR = "checkpoints"
@@ -25,10 +26,13 @@ _NAME = re.compile(r"^ckpt-(\d{6})(?:-step(\d{6}))?\.pt$")
 
 def load_checked(path: str) -> dict:
     """torch.load(weights_only=True); any failure becomes a CheckpointError naming the file."""
+    import io
+
     import torch
 
+    source = io.BytesIO(storage.read_bytes(path)) if storage.is_uri(path) else path
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(source, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated zip, bad magic, unpickling refused: all the same to a user
         raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({type(exc).__name__}: "
                               f"{str(exc).splitlines()[0] if str(exc) else 'no detail'})") from None
@@ -47,9 +51,7 @@ class CheckpointStore:
 
     def paths(self) -> list[str]:
         """Oldest first."""
-        if not os.path.isdir(self.dir):
-            return []
-        found = [(m, n) for n in os.listdir(self.dir) if (m := _NAME.match(n))]
+        found = [(m, n) for n in storage.listdir(self.dir) if (m := _NAME.match(n))]
         found.sort(key=lambda mn: (int(mn[0][1]), int(mn[0][2] or 0)))
         return [os.path.join(self.dir, n) for _, n in found]
 
@@ -62,7 +64,7 @@ class CheckpointStore:
         atomically, then prune."""
         path = save_atomic(self.path(epoch, in_epoch), state)
         for old in self.paths()[: -self.keep]:
-            os.remove(old)
+            storage.remove(old)
         return path
 
     def load_latest(self) -> tuple[dict, str] | None:
@@ -85,14 +87,14 @@ def write_run_file(run_dir: str, strategy: str, config: dict) -> None:
 
 def read_run_file(run_dir: str) -> dict:
     """The stored strategy and config of a run folder, for ``--resume``; UserError if it is not one."""
-    if not os.path.isdir(run_dir):
+    storage.check(run_dir)
+    if not storage.isdir(run_dir):
         raise UserError(f"--resume: no such run folder: {run_dir}")
     path = os.path.join(run_dir, RUN_FILE)
-    if not os.path.isfile(path):
+    if not storage.isfile(path):
         raise UserError(f"--resume: {run_dir} is not a ray_train run folder (no {RUN_FILE})")
     try:
-        with open(path) as fh:
-            info = json.load(fh)
+        info = json.loads(storage.read_bytes(path))
         return {"strategy": info["strategy"], "config": dict(info["config"])}
     except (ValueError, KeyError, TypeError) as exc:
         raise UserError(f"--resume: {path} is unreadable ({exc})") from None

@@ -7,6 +7,7 @@ import os
 from ray_train.config import TrainConfig
 from ray_train.data.dataset import Dataset
 from ray_train.errors import UserError
+from ray_train.run import storage
 from ray_train.run.checkpoint import RUN_FILE, write_run_file
 from ray_train.run.files import save_atomic
 
@@ -15,13 +16,13 @@ def make_run_dir(cfg: TrainConfig, name: str) -> str:
     run_dir = os.path.join(cfg.run.storage, name)
     if cfg.run.resume:
         return run_dir  # the CLI checked it is a run folder of this strategy
-    if os.path.exists(os.path.join(run_dir, RUN_FILE)):
+    if storage.exists(os.path.join(run_dir, RUN_FILE)):
         raise UserError(f"run.run_name: {run_dir} already holds a run; choose another --run-name "
                         f"or continue it with --resume {run_dir}")
-    if os.path.exists(cfg.run.storage) and not os.path.isdir(cfg.run.storage):
+    if storage.exists(cfg.run.storage) and not storage.isdir(cfg.run.storage):
         raise UserError(f"run.storage: {cfg.run.storage} is a file; --storage needs a folder")
     try:
-        os.makedirs(run_dir, exist_ok=True)
+        storage.makedirs(run_dir)
     except OSError as exc:
         raise UserError(f"run.storage: cannot create {run_dir}: {exc.strerror or exc}") from None
     write_run_file(run_dir, cfg.run.strategy, cfg.to_dict())

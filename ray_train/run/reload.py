@@ -76,20 +76,20 @@ def load_run(run_dir: str, model=None, file: str = "model.pt") -> Predictor:
     """The run in ``run_dir``: its model.pt (``file``: model-last.pt for the final network), or an
     ensemble's voting members. ``model``: a zero-argument factory of the network, needed only for
     a run that trained a Python callable handed to fit (its architecture is not in the folder)."""
+    from ray_train.run import storage
     from ray_train.run.checkpoint import RUN_FILE, load_checked
 
-    if not os.path.isdir(run_dir):
+    storage.check(run_dir)
+    if not storage.isdir(run_dir):
         raise UserError(f"--run: no such run folder: {run_dir}")
     try:
-        with open(os.path.join(run_dir, RUN_FILE)) as fh:
-            config = json.load(fh)["config"]
+        config = json.loads(storage.read_bytes(os.path.join(run_dir, RUN_FILE)))["config"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise UserError(f"--run: {run_dir} is not a run folder (no readable {RUN_FILE}: {exc})") from None
     members, weights, paths = [], None, [os.path.join(run_dir, file)]
-    if os.path.isfile(os.path.join(run_dir, ENSEMBLE_FILE)):
+    if storage.isfile(os.path.join(run_dir, ENSEMBLE_FILE)):
         try:
-            with open(os.path.join(run_dir, ENSEMBLE_FILE)) as fh:
-                info = json.load(fh)
+            info = json.loads(storage.read_bytes(os.path.join(run_dir, ENSEMBLE_FILE)))
             members = [m for m in info["members"] if m["status"] == "ok"]
             weights = np.asarray([w for m, w in zip(info["members"], _member_weights(info)) if m["status"] == "ok"])
         except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -98,7 +98,7 @@ def load_run(run_dir: str, model=None, file: str = "model.pt") -> Predictor:
             raise UserError(f"--run: {run_dir} has no ensemble member that finished training")
         paths = [os.path.join(run_dir, m["path"]) for m in members]
     for path in paths:
-        if not os.path.isfile(path):
+        if not storage.isfile(path):
             raise UserError(f"--run: {run_dir} holds no {os.path.relpath(path, run_dir)}: the run did not finish "
                             "(resume it with --resume) or the file was removed")
     states = [load_checked(p) for p in paths]

@@ -20,6 +20,7 @@ from ray_train.cluster import ReplicaContext, actor_class, check_resources, rese
 from ray_train.config import TrainConfig
 from ray_train.engine import Chunk, Engine
 from ray_train.errors import ConfigError
+from ray_train.run import storage
 from ray_train.run.failure import Decision
 from ray_train.strategies.downpour.parameter_server import ParameterShard, StalenessGate, decay_ranges, split_bounds
 from ray_train.strategies.driver_model import DriverModel
@@ -68,8 +69,8 @@ class Downpour:
         self.shards = []
         for k, (lo, hi) in enumerate(self.bounds):
             path = os.path.join(snapshot_dir, f"shard-{k}.pt") if snapshot_dir else None
-            if path and os.path.exists(path):
-                os.remove(path)  # a snapshot of an earlier run must not look like a crash
+            if path and storage.exists(path):
+                storage.remove(path)  # a snapshot of an earlier run must not look like a crash
             self.shards.append(actor_class(ParameterShard, num_cpus=a.ps_cpus, max_restarts=cfg.run.max_failures).remote(
                 k, hi - lo, cfg.optim, decay_ranges(model, lo, hi), a.staleness_lr, path, a.snapshot_every_s))
         ray.get([s.load.remote(states[k]) if states else s.assign.remote(flat[lo:hi])

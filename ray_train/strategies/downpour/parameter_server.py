@@ -29,6 +29,7 @@ import torch
 
 from ray_train.cluster import tune_malloc
 from ray_train.config import OptimConfig
+from ray_train.run import storage
 from ray_train.run.checkpoint import load_checked
 from ray_train.run.files import save_atomic
 from ray_train.worker.optim import build_optimizer, inverse_lr, set_lr
@@ -103,7 +104,7 @@ class ParameterShard:
         self.seen_before: int = 0  # the newest version replicas saw acknowledged before the restart
         self._ref = self._ref_version = None
         self.last_snapshot = -float("inf")
-        if snapshot_path and os.path.exists(snapshot_path):
+        if snapshot_path and storage.exists(snapshot_path):
             # Only a restart after a crash finds its own snapshot: the driver removes stale ones.
             self.load(load_checked(snapshot_path))
             self.restored_version = self.version
