@@ -60,7 +60,8 @@ class RegistryFactory:
 
 class ImportedFactory:
     """A user's "package.module:function": imported where it is called (the driver, every replica),
-    called with no arguments, and checked to return an nn.Module."""
+    called with no arguments, and checked to return an nn.Module (a list of stage modules comes
+    back as ``models.staged.Stages``)."""
 
     def __init__(self, spec: str) -> None:
         self.spec = spec
@@ -68,9 +69,12 @@ class ImportedFactory:
     def __call__(self):
         import torch
 
-        model = import_factory(self.spec)()
+        from models.staged import whole_network
+
+        model = whole_network(import_factory(self.spec)())
         if not isinstance(model, torch.nn.Module):
-            raise TypeError(f"{self.spec} returned a {type(model).__name__}, not a torch.nn.Module")
+            raise TypeError(f"{self.spec} returned a {type(model).__name__}, not a torch.nn.Module "
+                            "(or a list of them: the stages of a pipeline)")
         return model
 
 

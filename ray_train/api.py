@@ -9,7 +9,8 @@
 
 ``config``: a TrainConfig, a mapping of sections (as in a YAML file), a YAML path, or None for the
 defaults. ``model``: a registry name ("net_d"), a "package.module:function" string, or a zero-argument
-callable returning an nn.Module (a lambda or closure works: it is pickled by value to the replicas).
+callable returning an nn.Module (a lambda or closure works: it is pickled by value to the replicas);
+either may return a list of stage modules instead, one per pipeline stage (docs/pipeline.md).
 ``data``: a registry name ("mnist5k", "idx:DIR", "npz:FILE") or a ray_train.Dataset (class labels, or
 float targets of any shape: regression). ``loss``: a name (model.loss: "log_likelihood", "mse", ...),
 "package.module:function", or any callable (outputs, targets) -> scalar batch mean, such as
@@ -31,7 +32,7 @@ from ray_train.data.dataset import Dataset
 from ray_train.data.loaders import load_dataset
 from ray_train.data.streams import Streams
 from ray_train.errors import ConfigError
-from ray_train.network import CUSTOM, check_model, model_factory
+from ray_train.network import CUSTOM, check_model, model_factory, with_stages
 from ray_train.run import storage
 from ray_train.run.checkpoint import CheckpointStore
 from ray_train.run.files import write_json
@@ -61,6 +62,12 @@ def fit(config: TrainConfig | Mapping | str | None = None, model=None, data=None
     cfg, custom = _with_model(cfg, model)
     cfg = _with_loss(cfg, loss)
     cfg, dataset = _with_data(cfg, data)
+    if custom is not None or ":" in cfg.model.name:  # a user's factory may return a list of stage modules
+        stages = cfg.pipeline.stages
+        cfg, staged = with_stages(cfg, model_factory(cfg, dataset, custom))
+        custom = staged if custom is not None else None
+        if local is not None and cfg.pipeline.stages != stages:
+            strategies.get(cfg.run.strategy).check_resources(cfg, total=local)
     check_targets(cfg, dataset)
     strategy = strategies.get(cfg.run.strategy)
     if getattr(dataset, "streamed", False) and not strategy.streams:

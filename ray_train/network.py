@@ -27,6 +27,56 @@ def model_factory(cfg: TrainConfig, data: Dataset, custom=None):
                            num_classes=output_size(data), init=cfg.model.init)
 
 
+class StagedFactory:
+    """A callable handed to fit that returns a list of stage modules, as a factory of the whole
+    network (models.staged.Stages of them), which every stage actor builds and cuts at the list's
+    boundaries."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+
+    def __call__(self):
+        from models.staged import whole_network
+
+        return whole_network(self.inner())
+
+
+def with_stages(cfg: TrainConfig, factory):
+    """(cfg, factory) for a user's factory that returns a list of stage modules: the factory wrapped
+    to build the whole network, and pipeline.stages set to the list's length (a --stages that says
+    otherwise, or --split-at, is an error). Anything else comes back unchanged; a factory that does
+    not build is left to check_model to report."""
+    import dataclasses
+
+    import torch
+
+    from models.staged import Stages, whole_network
+
+    with torch.random.fork_rng():
+        try:
+            built = factory()
+        except Exception:
+            return cfg, factory
+    net = whole_network(built)
+    if not isinstance(net, Stages):
+        return cfg, factory
+    count, pipe = len(net), cfg.pipeline
+    if count == 1:
+        return cfg, factory if net is built else StagedFactory(factory)
+    if not strategies.get(cfg.run.strategy).pipelined:
+        takers = ", ".join(s.name for s in strategies.all_strategies() if s.pipelined)
+        raise ConfigError(f"model: {cfg.model.name} returns {count} stage modules (a pipeline), but run.strategy "
+                          f"{cfg.run.strategy!r} does not take stages; {takers} do (or return one nn.Module)")
+    if pipe.stages not in (1, count):
+        raise ConfigError(f"pipeline.stages: {pipe.stages}, but model {cfg.model.name} returns {count} stage "
+                          f"modules; leave --stages out (it is the list's length) or make them agree")
+    if pipe.split_at:
+        raise ConfigError(f"pipeline.split_at: model {cfg.model.name} returns its {count} stages as a list, which "
+                          "says where each begins; leave --split-at out")
+    cfg = dataclasses.replace(cfg, pipeline=dataclasses.replace(pipe, stages=count))
+    return cfg, factory if net is built else StagedFactory(factory)
+
+
 def output_size(data: Dataset) -> int:
     """The outputs per example a network gives: one logit per class, or one per target element."""
     if not data.regression:

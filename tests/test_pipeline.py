@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 import ray.cloudpickle
 import torch
+from torch import nn
 
+import ray_train
 from models import build_model
 from ray_train.cli import main
 from ray_train.strategies.sync.engine import SyncEngine
@@ -23,6 +25,7 @@ from ray_train.network import model_factory
 from ray_train.worker.batches import shard_batches
 from ray_train.worker.pipeline_group import PipelineGroup
 from ray_train.worker.replica import Replica
+from ray_train.errors import ConfigError
 from tests.conftest import one_line_error
 
 STEPS, BATCH, SEED = 50, 16, 3
@@ -185,3 +188,30 @@ def test_an_ensemble_member_may_be_a_pipeline(ray_cluster, tmp_path, capsys):
     assert len(members) == 2 and all(m["distinct_examples"] < 3500 for m in members)  # bagging in the stages
     model = torch.load(tmp_path / "ens" / "members" / "member_0" / "model.pt", weights_only=True)["model"]
     assert build_model("mlp30").load_state_dict(model).missing_keys == []
+
+
+# -- a user's factory that returns its stages as a list ----------------------------------------------
+def two_stages():
+    """Stages given as a list (also ``--model tests.test_pipeline:two_stages``)."""
+    return [nn.Sequential(nn.Flatten(), nn.Linear(784, 32), nn.ReLU()), nn.Sequential(nn.Linear(32, 10))]
+
+
+def test_a_factory_may_return_a_list_of_stage_modules(ray_cluster, tmp_path):
+    config = {"run": {"epochs": 1, "storage": str(tmp_path), "run_name": "listed", "batch_size": 64},
+              "pipeline": {"micro_batches": 4}, "resources": {"replicas": 1, "cpus_per_replica": 0.5}}
+    summary = ray_train.fit(config, model=two_stages, tensorboard=False, progress=False, out=sys.stderr)
+    assert summary["stages"] == 2  # the list's length: --stages was left out
+    assert summary["stage_params"] == [784 * 32 + 32, 32 * 10 + 10]  # cut where the list says
+    assert summary["test_accuracy"] > 0.5
+    state = _model(tmp_path / "listed" / "model.pt")
+    assert nn.Sequential(*two_stages()).load_state_dict(state).missing_keys == []  # the whole network
+    got = ray_train.predict(str(tmp_path / "listed"), model=two_stages)
+    assert got["accuracy"] == pytest.approx(summary["best_test_accuracy"])
+    with pytest.raises(ConfigError, match="pipeline.stages: 3, but model custom returns 2 stage modules"):
+        ray_train.fit({**config, "pipeline": {"stages": 3}}, model=two_stages)
+
+
+def test_a_list_that_contradicts_stages_is_a_one_line_error(capsys, tmp_path):
+    line = one_line_error(capsys, ["--model", "tests.test_pipeline:two_stages", "--stages", "3",
+                                   "--storage", str(tmp_path)])
+    assert "pipeline.stages: 3, but model tests.test_pipeline:two_stages returns 2 stage modules" in line, line

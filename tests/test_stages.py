@@ -112,3 +112,27 @@ def test_the_schedules_give_the_same_gradients_to_the_bit():
         run_schedule(split(net, 4), x, y, F.cross_entropy, micro=8, kind=kind)
     for a, b in zip(*(n.parameters() for n in nets)):
         assert torch.equal(a.grad, b.grad)
+
+
+class _TwoBlocks(nn.Module):
+    """Children all nn.Sequential, but forward is not them in a line: one piece only as a stage."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Sequential(nn.Linear(20, 8)), nn.Sequential(nn.Linear(20, 8))
+
+    def forward(self, x):
+        return self.a(x) + self.b(x)
+
+
+def test_a_list_of_stage_modules_is_cut_at_its_boundaries():
+    from models.staged import Stages, whole_network
+
+    torch.manual_seed(0)
+    net = whole_network([_TwoBlocks(), nn.Sequential(nn.ReLU(), nn.Linear(8, 5))])
+    assert isinstance(net, Stages) and [n for n, _ in layers(net)] == ["0", "1"]
+    x = torch.rand(4, 20)
+    first, second = split(net, 2, example=x)  # each module whole: the check passes
+    assert torch.allclose(second(first(x)), net(x))
+    assert nn.Sequential(*[_TwoBlocks(), nn.Sequential(nn.ReLU(), nn.Linear(8, 5))]).load_state_dict(net.state_dict()).missing_keys == []
+    assert whole_network(net) is net and whole_network([]) == []

@@ -123,7 +123,9 @@ def _network(state: dict, config: dict, factory, run_dir: str):
 
     name = state.get("spec", {}).get("model") or state.get("model_name") or config["model"]["name"]
     if factory is not None:
-        net = factory()
+        from models.staged import whole_network
+
+        net = whole_network(factory())  # a list of stage modules is the network they make in a line
     elif name == "custom":
         raise UserError(f"--run: {run_dir} trained a Python callable handed to ray_train.fit(model=...); its "
                         "architecture is not in the run folder: predict from Python with "

@@ -5,7 +5,6 @@ like a ReplicaGroup. The driver only starts chunks and collects metrics: activat
 never pass through it. A strategy composes it (strategies/sync/engine.py)."""
 from __future__ import annotations
 
-import numpy as np
 
 from ray_train.cluster import actor_class, reserve
 from ray_train.config import TrainConfig
@@ -15,13 +14,49 @@ from ray_train.worker.group import ReplicaGroup
 from ray_train.worker.pipeline import Stage, StageContext
 
 
+class StageMetrics:
+    """Stage actors' per-step figures (results with ``stage``, ``step_ms``, ``wait_ms`` and
+    ``act_bytes``), gathered until ``report`` writes them as TensorBoard tags per stage, averaged
+    over the replicas and the steps: its step time, its idle share (time waiting for a neighbour
+    over its step time: the bubble) and the activation and gradient bytes it sent to its
+    neighbours per step. ``bubble`` is that share over the whole run. Sync reports every chunk,
+    async (Downpour) every epoch."""
+
+    def __init__(self, stages: int) -> None:
+        self.stages = stages
+        self.pending: list[dict] = []
+        self.waited = self.busy = 0.0  # stage actors' milliseconds waiting for a neighbour, stepping
+
+    def add(self, results: list[dict]) -> None:
+        self.pending += results
+        self.waited += sum(float(r["wait_ms"].sum()) for r in results)
+        self.busy += sum(float(r["step_ms"].sum()) for r in results)
+
+    def report(self, sink, step: int) -> None:
+        for s in range(self.stages):
+            mine = [r for r in self.pending if r["stage"] == s]
+            steps = sum(len(r["step_ms"]) for r in mine)
+            if not steps:
+                continue
+            step_ms = sum(float(r["step_ms"].sum()) for r in mine) / steps
+            wait_ms = sum(float(r["wait_ms"].sum()) for r in mine) / steps
+            sink.scalar(f"pipeline/step_ms/stage_{s}", step_ms, step)
+            sink.scalar(f"pipeline/bubble/stage_{s}", wait_ms / step_ms if step_ms else 0.0, step)
+            sink.scalar(f"pipeline/activation_bytes/stage_{s}", sum(r["act_bytes"] for r in mine) / steps, step)
+        self.pending = []
+
+    def bubble(self) -> float | None:
+        """The share of the stage actors' step time spent waiting for a neighbour, so far."""
+        return self.waited / self.busy if self.busy else None
+
+
 class PipelineGroup(ReplicaGroup):
     """``actors`` in rank order: replica 0's stages 0..S-1, then replica 1's, ..."""
 
     def __init__(self, actors: list, pg, info: list[dict], comm: str, stages: int) -> None:
         super().__init__(actors, pg, info, comm)
         self.stages = stages
-        self.waited = self.busy = 0.0  # stage actors' milliseconds waiting for a neighbour, stepping
+        self.metrics = StageMetrics(stages)
 
     @classmethod
     def create(cls, cfg: TrainConfig, data_ref, model, stage_cls=Stage) -> "PipelineGroup":
@@ -46,23 +81,12 @@ class PipelineGroup(ReplicaGroup):
         return group
 
     def report(self, results: list[dict], sink, step: int) -> None:
-        """TensorBoard tags of one chunk, per stage (averaged over the replicas): its step time,
-        its idle share (time waiting for a neighbour over its step time: the bubble) and the
-        activation and gradient bytes it sent to its neighbours per step; adds to the run's bubble."""
-        for s in range(self.stages):
-            mine = [r for r in results if r["stage"] == s]
-            step_ms = float(np.mean([r["step_ms"].mean() for r in mine if len(r["step_ms"])] or [0.0]))
-            wait_ms = float(np.mean([r["wait_ms"].mean() for r in mine if len(r["wait_ms"])] or [0.0]))
-            steps = max(1, len(mine[0]["step_ms"]))
-            sink.scalar(f"pipeline/step_ms/stage_{s}", step_ms, step)
-            sink.scalar(f"pipeline/bubble/stage_{s}", wait_ms / step_ms if step_ms else 0.0, step)
-            sink.scalar(f"pipeline/activation_bytes/stage_{s}", float(np.mean([r["act_bytes"] for r in mine])) / steps, step)
-        self.waited += sum(float(r["wait_ms"].sum()) for r in results)
-        self.busy += sum(float(r["step_ms"].sum()) for r in results)
+        """One chunk's per-stage TensorBoard tags (StageMetrics); adds to the run's bubble."""
+        self.metrics.add(results)
+        self.metrics.report(sink, step)
 
     def bubble(self) -> float | None:
-        """The share of the stage actors' step time spent waiting for a neighbour, so far."""
-        return self.waited / self.busy if self.busy else None
+        return self.metrics.bubble()
 
     def replica(self, r: int) -> list:
         return self.actors[r * self.stages : (r + 1) * self.stages]

@@ -28,8 +28,13 @@ def layers(model: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module]]:
     """(qualified name, module) in execution order: an nn.Sequential's children, recursively, and a
     module whose children are all nn.Sequential taken to run them in registration order (the
     networks of models/: MLP.net; ConvNet.features then .classifier). Anything else is one piece.
-    ``split`` checks the line against the network's own output."""
+    A factory's list of stage modules (models.staged.Stages) is a line of those modules, each one
+    piece. ``split`` checks the line against the network's own output."""
+    from models.staged import Stages
+
     children = list(model.named_children())
+    if isinstance(model, Stages):
+        return [(f"{prefix}{name}", child) for name, child in children]
     if isinstance(model, nn.Sequential) or (children and all(isinstance(c, nn.Sequential) for _, c in children)):
         out = []
         for name, child in children:

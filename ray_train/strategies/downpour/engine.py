@@ -25,6 +25,7 @@ from ray_train.run.failure import Decision
 from ray_train.strategies.downpour.parameter_server import ParameterShard, StalenessGate, decay_ranges, split_bounds
 from ray_train.strategies.driver_model import DriverModel
 from ray_train.worker.batches import steps_per_epoch
+from ray_train.worker.pipeline_group import StageMetrics
 from ray_train.worker.stages import bubble
 
 QUEUE = 2  # chunks queued per replica
@@ -185,6 +186,8 @@ class DownpourEngine(DriverModel, Engine):
         self.replica_nodes = {i["rank"]: i.get("node_id") for i in infos}  # None while a replica is down
         self.shard_pids = {i["index"]: i["pid"] for i in ray.get([s.info.remote() for s in self.actors.shards])}
         self.lr, self.updates0, self.window_t, self.t_first, self.steps = None, 0.0, None, None, {}
+        self.stage_metrics = StageMetrics(cfg.pipeline.stages) if stage_shards else None
+        self.stage_pids: dict[int, list[int]] = {}  # pipelined replicas: rank -> its stage actors' pids
         self.warm_steps = self.spe if a.warm_start_steps is None else a.warm_start_steps
         self.warm = self.warm_steps > self.done
         self.active = {0} if self.warm else set(range(n))
@@ -252,10 +255,14 @@ class DownpourEngine(DriverModel, Engine):
         self.steps[rank] = self.steps.get(rank, 0) + n
         self.seen = np.maximum(self.seen, res["versions"])
         on_chunk(Chunk.of([res], steps=n))
+        if self.stage_metrics is not None:
+            self.stage_metrics.add(res["stage_results"])
+            self.stage_pids[rank] = res["stage_pids"]
         if res["shard_errors"]:
             self._check_shards()
         if self.hooks:
-            self.hooks("chunk", {"step": self.done, "replica_pids": dict(self.pids), "shard_pids": dict(self.shard_pids)})
+            self.hooks("chunk", {"step": self.done, "replica_pids": dict(self.pids), "shard_pids": dict(self.shard_pids),
+                                 "stage_pids": dict(self.stage_pids), "rejoining": list(self.rejoining)})
 
     def _end_epoch(self) -> None:
         """The parameter server's epoch metrics: staleness, updates/s, every replica's steps/s."""
@@ -274,6 +281,8 @@ class DownpourEngine(DriverModel, Engine):
         for r in range(self.ctx.cfg.resources.replicas):  # 0 for a replica that was down or not yet started
             sink.scalar(f"throughput/steps_per_s/replica_{r}", self.steps.get(r, 0) / elapsed, step)
         self.steps = {}
+        if self.stage_metrics is not None:
+            self.stage_metrics.report(sink, step)
 
     # -- failures ------------------------------------------------------------------------------------
     def _replica_failed(self, rank: int, exc: Exception) -> None:
@@ -372,7 +381,8 @@ class DownpourEngine(DriverModel, Engine):
                 "restarts": self.restarts, "transport": self.transport(), "nodes": self.nodes(),
                 "replicas_down": sorted({*self.rejoining.values(), *self.lost}),
                 **({"stages": self.ctx.cfg.pipeline.stages, "micro_batches": self.ctx.cfg.pipeline.micro_batches,
-                    "bubble_bound": bubble(self.ctx.cfg.pipeline.stages, self.ctx.cfg.pipeline.micro_batches)}
+                    "bubble_bound": bubble(self.ctx.cfg.pipeline.stages, self.ctx.cfg.pipeline.micro_batches),
+                    "bubble": self.stage_metrics.bubble()}
                    if self.actors.stage_shards else {})}
 
     def nodes(self) -> dict:
@@ -389,6 +399,8 @@ class DownpourEngine(DriverModel, Engine):
 
     def _room_for_a_replica(self) -> bool:
         res = self.ctx.cfg.resources
+        if self.actors.stage_shards:  # a pipelined replica's stages come back into its bundles of the placement group
+            return True
         free = ray.available_resources()
         return (free.get("CPU", 0.0) + 1e-9 >= res.cpus_per_replica
                 and free.get("GPU", 0.0) + 1e-9 >= res.gpus_per_replica)

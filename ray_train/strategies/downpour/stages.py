@@ -24,6 +24,8 @@ from ray_train.worker.batches import shard_batches, steps_per_epoch
 from ray_train.worker.pipeline import Stage, StageContext
 from ray_train.worker.stages import cut
 
+DEATH_WAIT_S = 30.0  # how long a stage's error waits to learn whether a neighbour died (Ray says so in ~1 s)
+
 
 def stage_bounds(model: torch.nn.Module, cfg: TrainConfig, example: torch.Tensor) -> list[tuple[int, int]]:
     """Each stage's [lo, hi) in the network's flat parameter vector (stages are consecutive layers,
@@ -70,6 +72,7 @@ class AsyncStage(ShardClient, Stage):
 
     def run(self, start: int, n: int) -> dict:
         step_ms = np.empty(n, dtype=np.float32)
+        wait_ms = np.empty(n, dtype=np.float32)
         loss_sum, correct, pushes, sent = 0.0, 0, 0, 0
         for i, s in enumerate(range(start, start + n)):
             t0 = time.perf_counter()
@@ -80,8 +83,9 @@ class AsyncStage(ShardClient, Stage):
                 self.local_epoch = epoch
             if self.since_fetch == 0 and self.shards:
                 self.fetch()
-            loss, hits, _, nbytes = self.step(self.batches[pos])
+            loss, hits, waited, nbytes = self.step(self.batches[pos])
             loss_sum, correct, sent = loss_sum + loss, correct + hits, sent + nbytes
+            wait_ms[i] = waited * 1e3
             self.acc += self.grad
             self.since_fetch = (self.since_fetch + 1) % self.n_fetch
             self.since_push += 1
@@ -97,7 +101,8 @@ class AsyncStage(ShardClient, Stage):
         moved, self.comm_bytes = self.comm_bytes, 0
         return {"loss_sum": loss_sum, "correct": correct, "samples": n * self.cfg.run.batch_size if self.last else 0,
                 "step_ms": step_ms, "pushes": pushes, "versions": self.seen.copy(), "shard_errors": errors,
-                "comm_bytes": moved + sent}
+                "comm_bytes": moved + sent, "stage": self.ctx.stage, "wait_ms": wait_ms, "act_bytes": sent,
+                "pid": os.getpid()}
 
 
 class PipelinedReplica:
@@ -138,6 +143,21 @@ class PipelinedReplica:
         return {"pid": os.getpid(), "rank": self.ctx.rank, "transports": self.transports,
                 "node_id": ray.get_runtime_context().get_node_id()}
 
+    @staticmethod
+    def _a_stage_died(pending: list) -> bool:
+        """Whether one of the stages still running ``pending`` died (waits up to DEATH_WAIT_S for them)."""
+        import ray
+
+        ready, _ = ray.wait(pending, num_returns=len(pending), timeout=DEATH_WAIT_S)
+        for ref in ready:
+            try:
+                ray.get(ref)
+            except ray.exceptions.RayActorError:
+                return True
+            except ray.exceptions.RayError:
+                pass
+        return False
+
     def run(self, start: int, n: int) -> dict:
         """Steps ``start .. start+n-1`` on every stage. A stage's death ends this process, so that
         Ray restarts the replica (its neighbours would wait on it until the process group's timeout)."""
@@ -151,6 +171,11 @@ class PipelinedReplica:
                 results[ready[0]] = ray.get(ready[0])
             except ray.exceptions.RayActorError:
                 os._exit(1)
+            except ray.exceptions.RayTaskError:
+                # a neighbour's death often shows first as a broken gloo connection in a live stage
+                if self._a_stage_died(pending):
+                    os._exit(1)
+                raise
         parts = [results[r] for r in refs]
         last = parts[-1]
         step_ms = np.max(np.stack([p["step_ms"] for p in parts]), axis=0)
@@ -159,4 +184,6 @@ class PipelinedReplica:
                 "step_ms": step_ms, "rank": self.ctx.rank, "pushes": sum(p["pushes"] for p in parts),
                 "versions": np.concatenate([p["versions"] for p in parts]),
                 "shard_errors": [int(offsets[s] + k) for s, p in enumerate(parts) for k in p["shard_errors"]],
-                "pid": os.getpid(), "comm_bytes": sum(p["comm_bytes"] for p in parts)}
+                "pid": os.getpid(), "comm_bytes": sum(p["comm_bytes"] for p in parts),
+                "stage_results": [{k: p[k] for k in ("stage", "step_ms", "wait_ms", "act_bytes")} for p in parts],
+                "stage_pids": [p["pid"] for p in parts]}
