@@ -65,6 +65,9 @@ def fit(config: TrainConfig | Mapping | str | None = None, model=None, data=None
         takers = ", ".join(s.name for s in strategies.all_strategies() if s.streams)
         raise ConfigError(f"run.strategy: {strategy.name} cannot train on a streamed dataset ({cfg.data.dataset}) yet; "
                           f"use {takers}, or arrays (npz:FILE, ray_train.Dataset)")
+    if getattr(dataset, "streamed", False) and cfg.pipeline.stages > 1:
+        raise ConfigError(f"pipeline.stages: a streamed dataset ({cfg.data.dataset}) trains whole replicas, not "
+                          f"pipelines of {cfg.pipeline.stages} stages; leave --stages unset, or give arrays")
     cfg = _with_lambda(cfg, dataset)
     # every mistake that the config and the data show is reported before Ray starts
     runs = strategies.get(cfg.run.strategy).model_configs(cfg)

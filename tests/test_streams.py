@@ -92,7 +92,7 @@ def test_image_folder_trains_with_sync_and_keeps_the_classes(sync_run):
     assert model["class_names"] == list(CLASSES) and model["input_shape"] == [1, 16, 16]
 
 
-@pytest.mark.parametrize("strategy", ["local", "hogwild"])
+@pytest.mark.parametrize("strategy", ["local", "hogwild", "async"])
 def test_image_folder_trains_with_the_other_streaming_strategies(ray_cluster, folder, tmp_path, strategy):
     summary = _fit_cli(tmp_path, strategy, "--dataset", f"images:{folder[0]}", "--epochs", "2", "--strategy", strategy)
     assert summary["test_accuracy"] >= 0.6, (strategy, summary["test_accuracy"])
@@ -125,11 +125,36 @@ def test_resume_at_an_epoch_boundary_equals_the_uninterrupted_run(sync_run, fold
     assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
 
 
-def test_parquet_with_a_split_column_trains_with_sync(ray_cluster, folder, tmp_path):
-    path = tmp_path / "table.parquet"
-    write_parquet(path, folder[1])
-    summary = _fit_cli(tmp_path, "pq", "--dataset", f"parquet:{path}", "--split-column", "split", "--epochs", "2")
-    assert summary["test_accuracy"] >= 0.8, summary["test_accuracy"]
+@pytest.mark.parametrize("strategy", ["sync", "async"])
+def test_parquet_files_with_a_split_column_train(ray_cluster, folder, tmp_path, strategy):
+    path = tmp_path / "table"
+    path.mkdir()
+    for part in (0, 1):  # a folder of two files, each half of every split
+        write_parquet(path / f"part-{part}.parquet", {s: (x[part::2], y[part::2]) for s, (x, y) in folder[1].items()})
+    summary = _fit_cli(tmp_path, "pq", "--dataset", f"parquet:{path}", "--split-column", "split", "--epochs", "2",
+                       "--strategy", strategy)
+    assert summary["test_accuracy"] >= 0.8, (strategy, summary["test_accuracy"])
+
+
+def test_async_replicas_read_disjoint_shares_that_make_up_the_epoch(ray_cluster):
+    """Each async replica reads the epoch's plan on its own and keeps every replicas-th batch:
+    the shares of one epoch are disjoint, together every full batch, and repeat for one seed."""
+    import ray.data
+
+    from ray_train.data.formats import from_streams
+    from ray_train.data.streams import Streams
+    from ray_train.worker.stream import TrainStream
+
+    rows = [{"x": np.array([i], np.float32), "y": i % 3} for i in range(40)]
+    data = from_streams(Streams(ray.data.from_items(rows, override_num_blocks=5), ray.data.from_items(rows[:6])))
+
+    def share(rank, epoch=0):
+        stream = TrainStream(data, data.epoch_plan(3, epoch), 4, 3, epoch, rank, torch.device("cpu"), stride=(rank, 2))
+        return [int(v) for _ in range(5) for v in stream.next()[0][:, 0]]
+
+    a, b = share(0), share(1)
+    assert not set(a) & set(b) and sorted(a + b) == list(range(40))
+    assert share(0) == a and share(0, epoch=1) != a  # seeded: the same epoch repeats, the next differs
 
 
 def test_fit_takes_ray_data_datasets_with_a_transform(ray_cluster, folder, tmp_path):
@@ -159,10 +184,10 @@ def test_fit_takes_ray_data_datasets_with_a_transform(ray_cluster, folder, tmp_p
     assert summary["dataset"] == "ray.data"
 
 
-def test_strategies_that_cannot_stream_say_so_in_one_line(ray_cluster, folder, capsys, tmp_path):
-    err = one_line_error(capsys, ["--dataset", f"images:{folder[0]}", "--strategy", "async", "--storage",
+def test_pipelined_replicas_on_a_stream_are_one_line(ray_cluster, folder, capsys, tmp_path):
+    err = one_line_error(capsys, ["--dataset", f"images:{folder[0]}", "--stages", "2", "--storage",
                                   str(tmp_path), "--no-progress"])
-    assert "cannot train on a streamed dataset" in err and "sync" in err
+    assert "pipeline.stages: a streamed dataset" in err, err
     assert not any(tmp_path.iterdir())
 
 

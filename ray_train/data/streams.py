@@ -97,14 +97,17 @@ class StreamData:
         return self.head
 
     # -- the driver cuts, the replicas read -------------------------------------------------
-    def train_shards(self, seed: int, epoch: int, n: int, hints: list[str] | None) -> list:
-        """This epoch's shard of the training split for each of ``n`` replicas (DataIterators)."""
+    def epoch_plan(self, seed: int, epoch: int):
+        """The training split with this epoch's seeded block order (a lazy ray.data Dataset)."""
         from ray.data import RandomSeedConfig
 
         quiet_context()
-        ds = self.splits["train"].randomize_block_order(
+        return self.splits["train"].randomize_block_order(
             seed=RandomSeedConfig(seed=epoch_seed(seed, epoch), reseed_after_execution=False))
-        return ds.streaming_split(n, equal=True, locality_hints=_hints(hints, n))
+
+    def train_shards(self, seed: int, epoch: int, n: int, hints: list[str] | None) -> list:
+        """This epoch's shard of the training split for each of ``n`` replicas (DataIterators)."""
+        return self.epoch_plan(seed, epoch).streaming_split(n, equal=True, locality_hints=_hints(hints, n))
 
     def eval_shards(self, split: str, n: int, hints: list[str] | None) -> list:
         """``split`` cut among ``n`` replicas (every row once); the iterators can be read again."""

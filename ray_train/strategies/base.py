@@ -51,7 +51,8 @@ class Strategy:
     pipelines of stage actors (ray_train/worker/pipeline.py)."""
     streams: bool = False
     """It trains on a dataset Ray Data streams (images:DIR, parquet:PATH, fit's Streams): its
-    replicas are worker.replica.Replica driven by worker.group.ReplicaGroup, which take a shard."""
+    replicas read the stream themselves (docs/data.md: a shard per epoch through
+    worker.group.ReplicaGroup, or each its own share as async replicas do)."""
     resumes_itself: bool = False
     """Its runner resumes its parts from their own checkpoints (an ensemble's members); the run
     then loads no checkpoint for it and keeps the points the interrupted run already logged."""
