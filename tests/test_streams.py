@@ -92,9 +92,14 @@ def test_image_folder_trains_with_sync_and_keeps_the_classes(sync_run):
     assert model["class_names"] == list(CLASSES) and model["input_shape"] == [1, 16, 16]
 
 
-@pytest.mark.parametrize("strategy", ["local", "hogwild", "async"])
-def test_image_folder_trains_with_the_other_streaming_strategies(ray_cluster, folder, tmp_path, strategy):
-    summary = _fit_cli(tmp_path, strategy, "--dataset", f"images:{folder[0]}", "--epochs", "2", "--strategy", strategy)
+@pytest.mark.parametrize("strategy, extra", [
+    ("local", []), ("hogwild", []), ("async", []),
+    ("sandblaster", ["--lbfgs-iterations", "5", "--work-units", "4", "--lr", "1"]),  # L-BFGS's own rate
+])
+def test_image_folder_trains_with_the_other_streaming_strategies(ray_cluster, folder, tmp_path, strategy, extra):
+    """With sync (above) and the ensemble (below): an image folder trains with every strategy."""
+    summary = _fit_cli(tmp_path, strategy, "--dataset", f"images:{folder[0]}", "--epochs", "2", "--strategy", strategy,
+                       *extra)
     assert summary["test_accuracy"] >= 0.6, (strategy, summary["test_accuracy"])
 
 
