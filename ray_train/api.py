@@ -194,7 +194,7 @@ def _run_logged(cfg: TrainConfig, data: Dataset, factory, custom, tensorboard: b
     strategy.check_resources(cfg)
     streamed = getattr(data, "streamed", False)
     if streamed:
-        data.check_cpus(sum(b.get("CPU", 0.0) for b in strategy.bundles(cfg)))
+        cfg = _leave_cpus_for_data(cfg, strategy, out)
     name = cfg.run_name
     run_dir = make_run_dir(cfg, name)
     raylog.LOG.to_file(os.path.join(run_dir, "ray.log"))
@@ -250,6 +250,29 @@ def _run_logged(cfg: TrainConfig, data: Dataset, factory, custom, tensorboard: b
     if tensorboard and headers:
         print(f"watch it: tensorboard --logdir {cfg.run.storage}", file=out, flush=True)
     return summary
+
+
+def _leave_cpus_for_data(cfg: TrainConfig, strategy, out) -> TrainConfig:
+    """Ray Data's reading tasks need CPUs the replicas leave free: where the replicas would take
+    them all (2 replicas x 1 CPU on 2 CPUs, the defaults), each takes less, and one line says so."""
+    import ray
+
+    from ray_train.data.streams import replica_cpus
+
+    res = cfg.resources
+
+    def taken(per: float) -> float:
+        return sum(b.get("CPU", 0.0) for b in strategy.bundles(_replace(cfg, "resources", cpus_per_replica=per)))
+
+    bundles = round((taken(2 * res.cpus_per_replica) - taken(res.cpus_per_replica)) / res.cpus_per_replica)
+    fixed = taken(res.cpus_per_replica) - bundles * res.cpus_per_replica  # parameter shards' CPUs
+    total = float(ray.cluster_resources().get("CPU", 0.0))
+    per = replica_cpus(total, fixed, bundles, res.cpus_per_replica)
+    if per == res.cpus_per_replica:
+        return cfg
+    print(f"streamed data: each replica takes {per:g} CPU instead of {res.cpus_per_replica:g}, leaving 1 of the "
+          f"cluster's {total:g} CPUs to Ray Data's reading tasks (--cpus-per-replica sets it)", file=out, flush=True)
+    return _replace(cfg, "resources", cpus_per_replica=per)
 
 
 def _print_regression(summary: dict, run_dir: str, out) -> None:

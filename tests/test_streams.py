@@ -3,7 +3,8 @@ ray.data datasets handed to fit, trained by the strategies that stream; the stre
 the in-memory run of the same images; resume at an epoch boundary; every bad input one line.
 
 Ray Data starts slowly: the runs are few, tiny (3 classes of 16x16 PNG) and shared through
-module fixtures. Replicas take 0.5 CPU so that Ray Data's reading tasks get the rest."""
+module fixtures. The runs leave --cpus-per-replica at its default: a streamed run shrinks the
+replicas' share so that Ray Data's reading tasks keep a CPU (tested here too)."""
 import json
 import os
 
@@ -16,8 +17,9 @@ from tests.conftest import one_line_error
 
 CLASSES = ("circle", "square", "stripe")
 PER_CLASS = {"train": 32, "test": 8}
-COMMON = ["--model", "mlp30", "--batch-size", "8", "--replicas", "2", "--cpus-per-replica", "0.5", "--lr", "0.1",
-          "--seed", "3", "--no-progress", "--no-tensorboard"]
+# No --cpus-per-replica: on the suite's 2-CPU cluster a streamed run's 2 replicas take 0.5 CPU each by themselves
+COMMON = ["--model", "mlp30", "--batch-size", "8", "--replicas", "2", "--lr", "0.1", "--seed", "3", "--no-progress",
+          "--no-tensorboard"]
 
 
 def _image(c: int, rng) -> np.ndarray:
@@ -86,6 +88,7 @@ def sync_run(ray_cluster, folder, tmp_path_factory):
 def test_image_folder_trains_with_sync_and_keeps_the_classes(sync_run):
     storage, summary = sync_run
     assert summary["test_accuracy"] >= 0.8, summary["test_accuracy"]
+    assert summary["config"]["resources"]["cpus_per_replica"] == 0.5  # 2 x 1 CPU by default on 2 CPUs: shrunk
     assert summary["steps"] == 2 * (3 * 32 // 2 // 8)  # equal steps per replica: 48 rows each, batch 8
     assert json.loads((storage / "straight" / "classes.json").read_text()) == list(CLASSES)
     model = torch.load(storage / "straight" / "model.pt", map_location="cpu", weights_only=True)
@@ -96,16 +99,30 @@ def test_image_folder_trains_with_sync_and_keeps_the_classes(sync_run):
     ("local", []), ("hogwild", []), ("async", []),
     ("sandblaster", ["--lbfgs-iterations", "5", "--work-units", "4", "--lr", "1"]),  # L-BFGS's own rate
 ])
-def test_image_folder_trains_with_the_other_streaming_strategies(ray_cluster, folder, tmp_path, strategy, extra):
+def test_image_folder_trains_with_the_other_streaming_strategies(ray_cluster, folder, tmp_path, capsys, strategy,
+                                                                 extra):
     """With sync (above) and the ensemble (below): an image folder trains with every strategy."""
     summary = _fit_cli(tmp_path, strategy, "--dataset", f"images:{folder[0]}", "--epochs", "2", "--strategy", strategy,
                        *extra)
     assert summary["test_accuracy"] >= 0.6, (strategy, summary["test_accuracy"])
+    assert "streamed data: each replica takes 0.5 CPU instead of 1, leaving 1 of the cluster's 2 CPUs" in \
+        capsys.readouterr().out
+
+
+def test_replicas_leave_a_cpu_to_ray_data():
+    from ray_train.data.streams import replica_cpus
+    from ray_train.errors import ResourceError
+
+    assert replica_cpus(total=8, fixed=0, bundles=2, per=1) == 1  # room already: as asked
+    assert replica_cpus(total=2, fixed=0, bundles=2, per=1) == 0.5
+    assert replica_cpus(total=4, fixed=0.5, bundles=3, per=1) == 0.83  # rounded down
+    with pytest.raises(ResourceError, match="needs 1 CPU free for Ray Data"):
+        replica_cpus(total=1, fixed=0, bundles=2, per=1)
 
 
 def test_image_folder_trains_an_ensemble_with_online_bagging(ray_cluster, folder, tmp_path):
     summary = _fit_cli(tmp_path, "ens", "--dataset", f"images:{folder[0]}", "--epochs", "2", "--strategy", "ensemble",
-                       "--members", "2", "--replicas-per-member", "1", "--bagging")
+                       "--members", "2", "--replicas-per-member", "1", "--bagging", "--cpus-per-replica", "0.5")
     assert summary["vote_accuracy"] >= 0.6, summary["vote_accuracy"]
     assert len(summary["members"]) == 2 and all(m["status"] == "ok" for m in summary["members"])
 
@@ -127,6 +144,23 @@ def test_resume_at_an_epoch_boundary_equals_the_uninterrupted_run(sync_run, fold
     assert main(["--resume", str(storage / "resumed"), "--epochs", "2", "--no-progress", "--no-tensorboard"]) == 0
     a, b = (torch.load(storage / name / "model-last.pt", map_location="cpu", weights_only=True)["model"]
             for name in ("straight", "resumed"))
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
+
+
+def test_resume_mid_epoch_skips_the_batches_consumed_and_equals_the_uninterrupted_run(sync_run, folder):
+    """A run stopped 4 steps into its first epoch of 6 (time limit after the first chunk of 2
+    steps; the second was queued already) checkpoints there; resumed, each replica reads the
+    epoch's shard again and drops the 4 batches it had trained on."""
+    from ray_train.run.checkpoint import CheckpointStore
+
+    storage, _ = sync_run
+    _fit_cli(storage, "mid", "--dataset", f"images:{folder[0]}", "--epochs", "2", "--log-every", "2",
+             "--time-limit", "0.001")
+    state = CheckpointStore(str(storage / "mid")).load_latest()[0]
+    assert (state["epoch"], state["in_epoch"]) == (0, 4)
+    assert main(["--resume", str(storage / "mid"), "--time-limit", "100000", "--no-progress", "--no-tensorboard"]) == 0
+    a, b = (torch.load(storage / name / "model-last.pt", map_location="cpu", weights_only=True)["model"]
+            for name in ("straight", "mid"))
     assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
 
 
