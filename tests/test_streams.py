@@ -170,8 +170,8 @@ def test_parquet_files_with_a_split_column_train(ray_cluster, folder, tmp_path, 
     path.mkdir()
     for part in (0, 1):  # a folder of two files, each half of every split
         write_parquet(path / f"part-{part}.parquet", {s: (x[part::2], y[part::2]) for s, (x, y) in folder[1].items()})
-    summary = _fit_cli(tmp_path, "pq", "--dataset", f"parquet:{path}", "--split-column", "split", "--epochs", "1",
-                       "--strategy", strategy, *(["--warm-start-steps", "0"] if strategy == "async" else []))
+    summary = _fit_cli(tmp_path, "pq", "--dataset", f"parquet:{path}", "--split-column", "split", "--strategy",
+                       strategy, *(["--epochs", "1", "--warm-start-steps", "0"] if strategy == "async" else ["--epochs", "2"]))
     assert summary["test_accuracy"] >= 0.8, (strategy, summary["test_accuracy"])
 
 
