@@ -107,8 +107,21 @@ class StreamData:
             seed=RandomSeedConfig(seed=epoch_seed(seed, epoch), reseed_after_execution=False))
 
     def train_shards(self, seed: int, epoch: int, n: int, hints: list[str] | None) -> list:
-        """This epoch's shard of the training split for each of ``n`` replicas (DataIterators)."""
-        return self.epoch_plan(seed, epoch).streaming_split(n, equal=True, locality_hints=_hints(hints, n))
+        """The training split's shard for each of ``n`` replicas (DataIterators), from ``epoch`` on:
+        iterated again, each gives the next epoch's shard (one split coordinator for the run).
+
+        Ray Data reseeds the block order of every execution from the base seed and its context's
+        execution count (``RandomSeedConfig(reseed_after_execution=True)``); the split's copy of the
+        context starts that count at ``epoch``, and every epoch is one execution (Ray Data counts a
+        partly read one too), so epoch e's order is the same whichever epoch the split began at:
+        a resumed run or a rebuilt group continues with the same shuffles."""
+        from ray.data import RandomSeedConfig
+
+        quiet_context()
+        ds = self.splits["train"].randomize_block_order(
+            seed=RandomSeedConfig(seed=epoch_seed(seed, 0), reseed_after_execution=True))
+        ds.context._execution_idx = epoch  # private in Ray Data 2.60: what reseeds each execution
+        return ds.streaming_split(n, equal=True, locality_hints=_hints(hints, n))
 
     def eval_shards(self, split: str, n: int, hints: list[str] | None) -> list:
         """``split`` cut among ``n`` replicas (every row once); the iterators can be read again."""

@@ -88,7 +88,7 @@ class TrainStream:
     def __init__(self, data, shard, batch_size: int, seed: int, epoch: int, rank: int, device,
                  stride: tuple[int, int] | None = None) -> None:
         self.data, self.batch_size, self.device = data, batch_size, device
-        batches = iter(shard.iter_batches(
+        self.reading = batches = iter(shard.iter_batches(
             batch_size=batch_size, batch_format="numpy", drop_last=True, prefetch_batches=PREFETCH,
             local_shuffle_buffer_size=data.shuffle_buffer or None,
             local_shuffle_seed=epoch_seed(seed, epoch, -1 if stride else rank)))
@@ -107,6 +107,12 @@ class TrainStream:
             raise DataError(f"data: reading the training split failed: {' '.join(str(exc).split())[:300]}") from None
         self.wait_ms.append((time.perf_counter() - t0) * 1e3)
         return batch
+
+    def close(self) -> None:
+        """Stop reading (the prefetching thread too): the split may start its next epoch."""
+        close = getattr(self.reading, "close", None)
+        if close is not None:
+            close()
 
     def skip(self, steps: int) -> None:
         """Pass over batches a run stopped mid-epoch had consumed (drawing their shifts too)."""
