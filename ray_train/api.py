@@ -74,6 +74,9 @@ def fit(config: TrainConfig | Mapping | str | None = None, model=None, data=None
         takers = ", ".join(s.name for s in strategies.all_strategies() if s.streams)
         raise ConfigError(f"run.strategy: {strategy.name} cannot train on a streamed dataset ({cfg.data.dataset}) yet; "
                           f"use {takers}, or arrays (npz:FILE, ray_train.Dataset)")
+    if getattr(dataset, "streamed", False) and cfg.pipeline.stages > 1:
+        raise ConfigError(f"pipeline.stages: a streamed dataset ({cfg.data.dataset}) trains whole replicas, not "
+                          f"pipelines of {cfg.pipeline.stages} stages; leave --stages unset, or give arrays")
     cfg = _with_lambda(cfg, dataset)
     # every mistake that the config and the data show is reported before Ray starts
     runs = strategies.get(cfg.run.strategy).model_configs(cfg)
@@ -192,8 +195,9 @@ def _run_logged(cfg: TrainConfig, data: Dataset, factory, custom, tensorboard: b
     if headers:
         print(cluster, file=out, flush=True)
     strategy.check_resources(cfg)
-    if getattr(data, "streamed", False):
-        data.check_cpus(sum(b.get("CPU", 0.0) for b in strategy.bundles(cfg)))
+    streamed = getattr(data, "streamed", False)
+    if streamed:
+        cfg = _leave_cpus_for_data(cfg, strategy, out)
     name = cfg.run_name  # a default name holds the time: taken once
     run_dir = make_run_dir(cfg, name)
     # event files and ray.log grow: with a URI for storage they are written on the driver and uploaded
@@ -278,6 +282,29 @@ def _then_upload(on_epoch, logger, mirror):
         logger.flush()
         mirror.sync()
     return call
+
+
+def _leave_cpus_for_data(cfg: TrainConfig, strategy, out) -> TrainConfig:
+    """Ray Data's reading tasks need CPUs the replicas leave free: where the replicas would take
+    them all (2 replicas x 1 CPU on 2 CPUs, the defaults), each takes less, and one line says so."""
+    import ray
+
+    from ray_train.data.streams import replica_cpus
+
+    res = cfg.resources
+
+    def taken(per: float) -> float:
+        return sum(b.get("CPU", 0.0) for b in strategy.bundles(_replace(cfg, "resources", cpus_per_replica=per)))
+
+    bundles = round((taken(2 * res.cpus_per_replica) - taken(res.cpus_per_replica)) / res.cpus_per_replica)
+    fixed = taken(res.cpus_per_replica) - bundles * res.cpus_per_replica  # parameter shards' CPUs
+    total = float(ray.cluster_resources().get("CPU", 0.0))
+    per = replica_cpus(total, fixed, bundles, res.cpus_per_replica)
+    if per == res.cpus_per_replica:
+        return cfg
+    print(f"streamed data: each replica takes {per:g} CPU instead of {res.cpus_per_replica:g}, leaving 1 of the "
+          f"cluster's {total:g} CPUs to Ray Data's reading tasks (--cpus-per-replica sets it)", file=out, flush=True)
+    return _replace(cfg, "resources", cpus_per_replica=per)
 
 
 def _print_regression(summary: dict, run_dir: str, out) -> None:

@@ -3,7 +3,8 @@ ray.data datasets handed to fit, trained by the strategies that stream; the stre
 the in-memory run of the same images; resume at an epoch boundary; every bad input one line.
 
 Ray Data starts slowly: the runs are few, tiny (3 classes of 16x16 PNG) and shared through
-module fixtures. Replicas take 0.5 CPU so that Ray Data's reading tasks get the rest."""
+module fixtures. The runs leave --cpus-per-replica at its default: a streamed run shrinks the
+replicas' share so that Ray Data's reading tasks keep a CPU (tested here too)."""
 import json
 import os
 
@@ -16,8 +17,9 @@ from tests.conftest import one_line_error
 
 CLASSES = ("circle", "square", "stripe")
 PER_CLASS = {"train": 32, "test": 8}
-COMMON = ["--model", "mlp30", "--batch-size", "8", "--replicas", "2", "--cpus-per-replica", "0.5", "--lr", "0.1",
-          "--seed", "3", "--no-progress", "--no-tensorboard"]
+# No --cpus-per-replica: on the suite's 2-CPU cluster a streamed run's 2 replicas take 0.5 CPU each by themselves
+COMMON = ["--model", "mlp30", "--batch-size", "8", "--replicas", "2", "--lr", "0.1", "--seed", "3", "--no-progress",
+          "--no-tensorboard"]
 
 
 def _image(c: int, rng) -> np.ndarray:
@@ -86,21 +88,41 @@ def sync_run(ray_cluster, folder, tmp_path_factory):
 def test_image_folder_trains_with_sync_and_keeps_the_classes(sync_run):
     storage, summary = sync_run
     assert summary["test_accuracy"] >= 0.8, summary["test_accuracy"]
+    assert summary["config"]["resources"]["cpus_per_replica"] == 0.5  # 2 x 1 CPU by default on 2 CPUs: shrunk
     assert summary["steps"] == 2 * (3 * 32 // 2 // 8)  # equal steps per replica: 48 rows each, batch 8
     assert json.loads((storage / "straight" / "classes.json").read_text()) == list(CLASSES)
     model = torch.load(storage / "straight" / "model.pt", map_location="cpu", weights_only=True)
     assert model["class_names"] == list(CLASSES) and model["input_shape"] == [1, 16, 16]
 
 
-@pytest.mark.parametrize("strategy", ["local", "hogwild"])
-def test_image_folder_trains_with_the_other_streaming_strategies(ray_cluster, folder, tmp_path, strategy):
-    summary = _fit_cli(tmp_path, strategy, "--dataset", f"images:{folder[0]}", "--epochs", "2", "--strategy", strategy)
+@pytest.mark.parametrize("strategy, extra", [
+    ("local", []), ("hogwild", []), ("async", []),
+    ("sandblaster", ["--lbfgs-iterations", "5", "--work-units", "4", "--lr", "1"]),  # L-BFGS's own rate
+])
+def test_image_folder_trains_with_the_other_streaming_strategies(ray_cluster, folder, tmp_path, capsys, strategy,
+                                                                 extra):
+    """With sync (above) and the ensemble (below): an image folder trains with every strategy."""
+    summary = _fit_cli(tmp_path, strategy, "--dataset", f"images:{folder[0]}", "--epochs", "2", "--strategy", strategy,
+                       *extra)
     assert summary["test_accuracy"] >= 0.6, (strategy, summary["test_accuracy"])
+    assert "streamed data: each replica takes 0.5 CPU instead of 1, leaving 1 of the cluster's 2 CPUs" in \
+        capsys.readouterr().out
+
+
+def test_replicas_leave_a_cpu_to_ray_data():
+    from ray_train.data.streams import replica_cpus
+    from ray_train.errors import ResourceError
+
+    assert replica_cpus(total=8, fixed=0, bundles=2, per=1) == 1  # room already: as asked
+    assert replica_cpus(total=2, fixed=0, bundles=2, per=1) == 0.5
+    assert replica_cpus(total=4, fixed=0.5, bundles=3, per=1) == 0.83  # rounded down
+    with pytest.raises(ResourceError, match="needs 1 CPU free for Ray Data"):
+        replica_cpus(total=1, fixed=0, bundles=2, per=1)
 
 
 def test_image_folder_trains_an_ensemble_with_online_bagging(ray_cluster, folder, tmp_path):
     summary = _fit_cli(tmp_path, "ens", "--dataset", f"images:{folder[0]}", "--epochs", "2", "--strategy", "ensemble",
-                       "--members", "2", "--replicas-per-member", "1", "--bagging")
+                       "--members", "2", "--replicas-per-member", "1", "--bagging", "--cpus-per-replica", "0.5")
     assert summary["vote_accuracy"] >= 0.6, summary["vote_accuracy"]
     assert len(summary["members"]) == 2 and all(m["status"] == "ok" for m in summary["members"])
 
@@ -125,11 +147,53 @@ def test_resume_at_an_epoch_boundary_equals_the_uninterrupted_run(sync_run, fold
     assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
 
 
-def test_parquet_with_a_split_column_trains_with_sync(ray_cluster, folder, tmp_path):
-    path = tmp_path / "table.parquet"
-    write_parquet(path, folder[1])
-    summary = _fit_cli(tmp_path, "pq", "--dataset", f"parquet:{path}", "--split-column", "split", "--epochs", "2")
-    assert summary["test_accuracy"] >= 0.8, summary["test_accuracy"]
+def test_resume_mid_epoch_skips_the_batches_consumed_and_equals_the_uninterrupted_run(sync_run, folder):
+    """A run stopped 4 steps into its first epoch of 6 (time limit after the first chunk of 2
+    steps; the second was queued already) checkpoints there; resumed, each replica reads the
+    epoch's shard again and drops the 4 batches it had trained on."""
+    from ray_train.run.checkpoint import CheckpointStore
+
+    storage, _ = sync_run
+    _fit_cli(storage, "mid", "--dataset", f"images:{folder[0]}", "--epochs", "2", "--log-every", "2",
+             "--time-limit", "0.001")
+    state = CheckpointStore(str(storage / "mid")).load_latest()[0]
+    assert (state["epoch"], state["in_epoch"]) == (0, 4)
+    assert main(["--resume", str(storage / "mid"), "--time-limit", "100000", "--no-progress", "--no-tensorboard"]) == 0
+    a, b = (torch.load(storage / name / "model-last.pt", map_location="cpu", weights_only=True)["model"]
+            for name in ("straight", "mid"))
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
+
+
+@pytest.mark.parametrize("strategy", ["sync", "async"])
+def test_parquet_files_with_a_split_column_train(ray_cluster, folder, tmp_path, strategy):
+    path = tmp_path / "table"
+    path.mkdir()
+    for part in (0, 1):  # a folder of two files, each half of every split
+        write_parquet(path / f"part-{part}.parquet", {s: (x[part::2], y[part::2]) for s, (x, y) in folder[1].items()})
+    summary = _fit_cli(tmp_path, "pq", "--dataset", f"parquet:{path}", "--split-column", "split", "--strategy",
+                       strategy, *(["--epochs", "1", "--warm-start-steps", "0"] if strategy == "async" else ["--epochs", "2"]))
+    assert summary["test_accuracy"] >= 0.8, (strategy, summary["test_accuracy"])
+
+
+def test_async_replicas_read_disjoint_shares_that_make_up_the_epoch(ray_cluster):
+    """Each async replica reads the epoch's plan on its own and keeps every replicas-th batch:
+    the shares of one epoch are disjoint, together every full batch, and repeat for one seed."""
+    import ray.data
+
+    from ray_train.data.formats import from_streams
+    from ray_train.data.streams import Streams
+    from ray_train.worker.stream import TrainStream
+
+    rows = [{"x": np.array([i], np.float32), "y": i % 3} for i in range(40)]
+    data = from_streams(Streams(ray.data.from_items(rows, override_num_blocks=5), ray.data.from_items(rows[:6])))
+
+    def share(rank, epoch=0):
+        stream = TrainStream(data, data.epoch_plan(3, epoch), 4, 3, epoch, rank, torch.device("cpu"), stride=(rank, 2))
+        return [int(v) for _ in range(5) for v in stream.next()[0][:, 0]]
+
+    a, b = share(0), share(1)
+    assert not set(a) & set(b) and sorted(a + b) == list(range(40))
+    assert share(0) == a and share(0, epoch=1) != a  # seeded: the same epoch repeats, the next differs
 
 
 def test_fit_takes_ray_data_datasets_with_a_transform(ray_cluster, folder, tmp_path):
@@ -159,10 +223,10 @@ def test_fit_takes_ray_data_datasets_with_a_transform(ray_cluster, folder, tmp_p
     assert summary["dataset"] == "ray.data"
 
 
-def test_strategies_that_cannot_stream_say_so_in_one_line(ray_cluster, folder, capsys, tmp_path):
-    err = one_line_error(capsys, ["--dataset", f"images:{folder[0]}", "--strategy", "async", "--storage",
+def test_pipelined_replicas_on_a_stream_are_one_line(ray_cluster, folder, capsys, tmp_path):
+    err = one_line_error(capsys, ["--dataset", f"images:{folder[0]}", "--stages", "2", "--storage",
                                   str(tmp_path), "--no-progress"])
-    assert "cannot train on a streamed dataset" in err and "sync" in err
+    assert "pipeline.stages: a streamed dataset" in err, err
     assert not any(tmp_path.iterdir())
 
 

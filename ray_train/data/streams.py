@@ -13,6 +13,7 @@ continues with the same shuffles.
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -97,13 +98,29 @@ class StreamData:
         return self.head
 
     # -- the driver cuts, the replicas read -------------------------------------------------
+    def epoch_plan(self, seed: int, epoch: int):
+        """The training split with this epoch's seeded block order (a lazy ray.data Dataset)."""
+        from ray.data import RandomSeedConfig
+
+        quiet_context()
+        return self.splits["train"].randomize_block_order(
+            seed=RandomSeedConfig(seed=epoch_seed(seed, epoch), reseed_after_execution=False))
+
     def train_shards(self, seed: int, epoch: int, n: int, hints: list[str] | None) -> list:
-        """This epoch's shard of the training split for each of ``n`` replicas (DataIterators)."""
+        """The training split's shard for each of ``n`` replicas (DataIterators), from ``epoch`` on:
+        iterated again, each gives the next epoch's shard (one split coordinator for the run).
+
+        Ray Data reseeds the block order of every execution from the base seed and its context's
+        execution count (``RandomSeedConfig(reseed_after_execution=True)``); the split's copy of the
+        context starts that count at ``epoch``, and every epoch is one execution (Ray Data counts a
+        partly read one too), so epoch e's order is the same whichever epoch the split began at:
+        a resumed run or a rebuilt group continues with the same shuffles."""
         from ray.data import RandomSeedConfig
 
         quiet_context()
         ds = self.splits["train"].randomize_block_order(
-            seed=RandomSeedConfig(seed=epoch_seed(seed, epoch), reseed_after_execution=False))
+            seed=RandomSeedConfig(seed=epoch_seed(seed, 0), reseed_after_execution=True))
+        ds.context._execution_idx = epoch  # private in Ray Data 2.60: what reseeds each execution
         return ds.streaming_split(n, equal=True, locality_hints=_hints(hints, n))
 
     def eval_shards(self, split: str, n: int, hints: list[str] | None) -> list:
@@ -113,17 +130,25 @@ class StreamData:
             return [self.splits[split].iterator()]
         return self.splits[split].streaming_split(n, equal=False, locality_hints=_hints(hints, n))
 
-    def check_cpus(self, replica_cpus: float) -> None:
-        """Ray Data's reading tasks need CPUs the replicas leave free."""
-        import ray
+DATA_CPUS = 1.0  # what a streamed run leaves free for Ray Data's reading and decoding tasks
+LEAST_REPLICA_CPUS = 0.1  # below this a replica's share is too small to train at all
 
-        from ray_train.errors import ResourceError
 
-        total = float(ray.cluster_resources().get("CPU", 0.0))
-        if total - replica_cpus < 1.0:
-            raise ResourceError(f"data.dataset: a streamed dataset needs at least 1 CPU that the replicas leave free "
-                                f"for Ray Data's reading tasks; the cluster has {total:g} CPUs and the replicas take "
-                                f"{replica_cpus:g}: lower --cpus-per-replica (e.g. 0.5) or --replicas")
+def replica_cpus(total: float, fixed: float, bundles: int, per: float) -> float:
+    """The CPUs each of ``bundles`` replica bundles may take so that Ray Data keeps DATA_CPUS of the
+    cluster's ``total`` (``fixed``: what other bundles take, parameter shards): ``per`` when that
+    leaves them already, else less, rounded down to 0.01; a ResourceError when not even
+    LEAST_REPLICA_CPUS each would fit."""
+    from ray_train.errors import ResourceError
+
+    if total - fixed - bundles * per >= DATA_CPUS - 1e-9:
+        return per
+    share = math.floor((total - fixed - DATA_CPUS) / bundles * 100 + 1e-6) / 100
+    if share < LEAST_REPLICA_CPUS:
+        raise ResourceError(f"data.dataset: a streamed dataset needs {DATA_CPUS:g} CPU free for Ray Data's reading "
+                            f"tasks besides {bundles} replica(s) of at least {LEAST_REPLICA_CPUS:g} CPU; the cluster has "
+                            f"{total:g} CPUs: lower --replicas or add CPUs")
+    return share
 
 
 def _hints(hints: list[str] | None, n: int) -> list[str] | None:

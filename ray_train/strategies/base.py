@@ -51,7 +51,8 @@ class Strategy:
     pipelines of stage actors (ray_train/worker/pipeline.py)."""
     streams: bool = False
     """It trains on a dataset Ray Data streams (images:DIR, parquet:PATH, fit's Streams): its
-    replicas are worker.replica.Replica driven by worker.group.ReplicaGroup, which take a shard."""
+    replicas read the stream themselves (docs/data.md: a shard per epoch through
+    worker.group.ReplicaGroup, or each its own share as async replicas do)."""
     resizes: bool = False
     """Its run loop may restart it from a checkpoint with another replica count (--replicas
     MIN-MAX, an elastic count: docs/cluster.md); its engine reads the count from the config it is

@@ -3,6 +3,8 @@ Sandblaster's coordinator. A copy of the network on the driver, loaded from ``dr
 serves evaluation, the weights histograms and model.pt."""
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 
@@ -24,8 +26,19 @@ class DriverModel:
     def evaluate(self, split: str) -> EvalResult:
         data = self.ctx.data
         self._load_params()
-        x, y = getattr(data, f"x_{split}"), getattr(data, f"y_{split}")
-        loss_sum, probs = predict(self.model, x, y, losses.Objective.of(self.ctx.cfg.model, data), torch.device("cpu"))
+        objective = losses.Objective.of(self.ctx.cfg.model, data)
+        y = getattr(data, f"y_{split}")
+        if getattr(data, "streamed", False):  # the split streamed through the driver, a batch at a time
+            from ray_train.data.streams import quiet_context
+            from ray_train.worker.stream import evaluate_shard
+
+            quiet_context()
+            with warnings.catch_warnings():  # Ray Data's copy of its context warns of its own deprecated fields
+                warnings.simplefilter("ignore", DeprecationWarning)
+                loss_sum, probs, labels = evaluate_shard(self.model, data, data.splits[split].iterator(), objective,
+                                                         torch.device("cpu"))
+            return combine([{"start": 0, "loss_sum": loss_sum, "probs": probs, "labels": labels}], y)
+        loss_sum, probs = predict(self.model, getattr(data, f"x_{split}"), y, objective, torch.device("cpu"))
         return combine([{"start": 0, "loss_sum": loss_sum, "probs": probs}], y)
 
     def weights(self) -> dict[str, np.ndarray]:

@@ -48,6 +48,7 @@ class ReplicaGroup:
         self.closed = False
         # streamed data (data/streams.py): the driver cuts each epoch's shards and hands them out
         self.stream, self.seed, self.eval_shards = stream, seed, {}
+        self.train_split = None  # (the epoch its next iteration gives, the replicas' DataIterators)
 
     @classmethod
     def create(cls, cfg: TrainConfig, data_ref, model, replica_cls=Replica) -> "ReplicaGroup":
@@ -79,7 +80,10 @@ class ReplicaGroup:
             return [None] * len(self.actors)
         hints = [i["node_id"] for i in self.info]
         if epoch is not None:
-            return self.stream.train_shards(self.seed, epoch, len(self.actors), hints)
+            if self.train_split is None or self.train_split[0] != epoch:  # the first epoch, or not the next
+                self.train_split = (epoch, self.stream.train_shards(self.seed, epoch, len(self.actors), hints))
+            self.train_split = (epoch + 1, self.train_split[1])
+            return self.train_split[1]
         if split not in self.eval_shards:
             self.eval_shards[split] = self.stream.eval_shards(split, len(self.actors), hints)
         return self.eval_shards[split]

@@ -164,6 +164,8 @@ class Replica:
         set_lr(self.opt, lr)
         self.model.train()
         run = self.cfg.run
+        if self.stream is not None:  # the last epoch's reading ends before the next epoch's starts
+            self.stream.close()
         if shard is None:
             self.stream = None
             self.batches = shard_batches(len(self.data.y_train), self.ctx.world_size, self.ctx.rank,

@@ -8,6 +8,7 @@ with the training split's statistics. Everything seeded by (seed, epoch, rank): 
 """
 from __future__ import annotations
 
+import itertools
 import os
 import time
 
@@ -76,13 +77,22 @@ def prepared(data, batch: dict, rng: np.random.Generator | None = None) -> tuple
 
 
 class TrainStream:
-    """One replica's shard of one epoch as training batches of exactly ``batch_size``."""
+    """One replica's shard of one epoch as training batches of exactly ``batch_size``.
 
-    def __init__(self, data, shard, batch_size: int, seed: int, epoch: int, rank: int, device) -> None:
+    ``shard`` is its DataIterator from the epoch's ``streaming_split``, or, with ``stride`` =
+    (rank, replicas), the whole epoch's plan (``StreamData.epoch_plan``) that this replica reads on
+    its own and of which it keeps batches rank, rank + replicas, ...: async replicas, each on its own
+    epoch clock, cannot read one split together. Every replica then draws the same shuffle buffer,
+    so the kept batches of the replicas are disjoint and together the epoch."""
+
+    def __init__(self, data, shard, batch_size: int, seed: int, epoch: int, rank: int, device,
+                 stride: tuple[int, int] | None = None) -> None:
         self.data, self.batch_size, self.device = data, batch_size, device
-        self.batches = iter(shard.iter_batches(
+        self.reading = batches = iter(shard.iter_batches(
             batch_size=batch_size, batch_format="numpy", drop_last=True, prefetch_batches=PREFETCH,
-            local_shuffle_buffer_size=data.shuffle_buffer or None, local_shuffle_seed=epoch_seed(seed, epoch, rank)))
+            local_shuffle_buffer_size=data.shuffle_buffer or None,
+            local_shuffle_seed=epoch_seed(seed, epoch, -1 if stride else rank)))
+        self.batches = itertools.islice(batches, stride[0], None, stride[1]) if stride else batches
         self.rng = np.random.default_rng((seed, EXPAND_STREAM, epoch, rank))
         self.wait_ms: list[float] = []
 
@@ -97,6 +107,12 @@ class TrainStream:
             raise DataError(f"data: reading the training split failed: {' '.join(str(exc).split())[:300]}") from None
         self.wait_ms.append((time.perf_counter() - t0) * 1e3)
         return batch
+
+    def close(self) -> None:
+        """Stop reading (the prefetching thread too): the split may start its next epoch."""
+        close = getattr(self.reading, "close", None)
+        if close is not None:
+            close()
 
     def skip(self, steps: int) -> None:
         """Pass over batches a run stopped mid-epoch had consumed (drawing their shifts too)."""

@@ -15,6 +15,7 @@ class Downpour(Strategy):
     # chance on the default async job.
     optimizer = "adagrad"
     pipelined = True
+    streams = True  # each replica reads its own share of every epoch's stream (docs/data.md)
     flags = (
         ("--ps-shards", "async", "ps_shards", int, "async: parameter-server shards (default 2)"),
         ("--n-fetch", "async", "n_fetch", int, "async: steps between parameter fetches (default 1)"),

@@ -349,6 +349,7 @@ class AsyncReplica(ShardClient, Replica):
         """Returns each shard's transport ("shm" or "ray")."""
         self.data = data
         self.spe = steps_per_epoch(len(data.y_train), self.ctx.world_size, self.cfg.run.batch_size)
+        self.stream, self.stream_at = None, None  # streamed data: this rank's stream and its next (epoch, step)
         return self.attach(shards, bounds, gate)
 
     def info(self) -> dict:
@@ -366,13 +367,17 @@ class AsyncReplica(ShardClient, Replica):
         for i, s in enumerate(range(start, start + n)):
             t0 = clock(self.device)
             epoch, pos = divmod(s, self.spe)
-            if epoch != self.local_epoch:
-                self.batches = shard_batches(len(self.data.y_train), self.ctx.world_size, self.ctx.rank,
-                                             self.cfg.run.batch_size, self.cfg.run.seed, epoch)
-                self.local_epoch = epoch
+            if getattr(self.data, "streamed", False):
+                batch = self._streamed_batch(epoch, pos)
+            else:
+                if epoch != self.local_epoch:
+                    self.batches = shard_batches(len(self.data.y_train), self.ctx.world_size, self.ctx.rank,
+                                                 self.cfg.run.batch_size, self.cfg.run.seed, epoch)
+                    self.local_epoch = epoch
+                batch = self.batch(self.batches[pos])
             if self.since_fetch == 0:
                 self.fetch()
-            loss, hits = self.gradients(*self.batch(self.batches[pos]))
+            loss, hits = self.gradients(*batch)
             loss_sum += loss
             correct += hits
             if self.precision.unscale_(self.grad):  # false only for an fp16 overflow: that step adds nothing
@@ -390,5 +395,19 @@ class AsyncReplica(ShardClient, Replica):
         return {"loss_sum": float(loss_sum) * self.cfg.run.batch_size, "correct": float(correct),
                 "samples": n * self.cfg.run.batch_size, "step_ms": step_ms, "rank": self.ctx.rank,
                 "pushes": pushes, "versions": self.seen.copy(), "shard_errors": errors, "pid": os.getpid(),
-                "comm_bytes": moved}
+                "comm_bytes": moved, **({"wait_ms": self.stream.take_wait_ms()} if self.stream is not None else {})}
+
+    def _streamed_batch(self, epoch: int, pos: int):
+        """Batch ``pos`` of this rank's share of ``epoch``'s stream (docs/data.md, async). The
+        rank reads the epoch's plan on its own and keeps every replicas-th batch; a step out of
+        sequence (a restarted replica, a resumed run) reads the epoch again up to it."""
+        from ray_train.worker.stream import TrainStream
+
+        if self.stream is None or self.stream_at != (epoch, pos):
+            run, ctx = self.cfg.run, self.ctx
+            self.stream = TrainStream(self.data, self.data.epoch_plan(run.seed, epoch), run.batch_size, run.seed,
+                                      epoch, ctx.rank, self.device, stride=(ctx.rank, ctx.world_size))
+            self.stream.skip(pos)
+        self.stream_at = (epoch, pos + 1)
+        return self.stream.next()
 

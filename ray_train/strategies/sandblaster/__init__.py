@@ -14,6 +14,7 @@ class Sandblaster(Strategy):
     optimizer = "lbfgs"
     optimizers = ("lbfgs",)
     compared = False
+    streams = True  # work units as pieces of the blocks Ray Data reads for the iteration's batch (units.py)
     flags = (
         ("--lbfgs-batch", "sandblaster", "lbfgs_batch", int, "sandblaster: examples per L-BFGS batch (default: the "
          "whole training set)"),

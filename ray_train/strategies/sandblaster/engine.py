@@ -74,6 +74,11 @@ class SandblasterEngine(DriverModel, Engine):
         self.opt = torch.optim.LBFGS([self.flat], lr=cfg.optim.lr, history_size=sb.history, max_iter=1,
                                      max_eval=MAX_EVALS, line_search_fn="strong_wolfe")
         self.iteration, self.version, self.cache, self.iteration_s = 0, 0, [], []
+        self.stream = None
+        if getattr(ctx.data, "streamed", False):  # units as pieces of the blocks Ray Data read (units.py)
+            from ray_train.strategies.sandblaster.units import StreamBatch
+
+            self.stream = StreamBatch(ctx.data, cfg.run.seed)
         self.counts = {"function_evaluations": 0, "work_units": 0, "backup_units": 0, "backup_wins": 0,
                        "reissued_units": 0, "units_per_replica": {str(r): 0 for r in range(res.replicas)}}
         if state is not None:
@@ -118,6 +123,8 @@ class SandblasterEngine(DriverModel, Engine):
             self.it = {"samples": 0, "first": None, "ms": {}, "bytes": 0, "evals": 0}
             self.key = -1 if batch_indices(len(self.ctx.data.y_train), self.ctx.cfg.sandblaster.lbfgs_batch,
                                            self.ctx.cfg.run.seed, self.iteration) is None else self.iteration
+            if self.stream is not None and self.stream.read(self.key, self.ctx.cfg.sandblaster.lbfgs_batch) != self.batch:
+                raise RuntimeError(f"Sandblaster: the stream gave {self.stream.rows} rows for a batch of {self.batch}")
             t0 = time.perf_counter()
             try:
                 self.opt.step(self._closure)
@@ -241,7 +248,8 @@ class SandblasterEngine(DriverModel, Engine):
 
     def _send(self, rank: int, version: int, box: list, k: int, backup: bool) -> None:
         lo, hi = self.bounds[k]
-        ref = self.workers[rank].evaluate.remote(version, box, self.key, lo, hi)
+        pieces = [self.stream.pieces(lo, hi)] if self.stream is not None else []
+        ref = self.workers[rank].evaluate.remote(version, box, self.key, lo, hi, *pieces)
         self.inflight[ref] = (rank, version, k, backup)
         self.it["bytes"] += DESCRIPTOR_BYTES
         if self.hooks:

@@ -58,7 +58,10 @@ class SandblasterWorker:
     def setup(self, data) -> dict:
         """Receive the dataset (a method call, not a constructor argument: the actor restarts)."""
         self.data = data
-        self.inputs = Inputs(data, self.device, self.cfg.resources.data_on_device, self.ctx.num_gpus)
+        self.streamed = getattr(data, "streamed", False)  # units arrive as pieces of Ray Data blocks (units.py)
+        self.inputs = None if self.streamed else Inputs(data, self.device, self.cfg.resources.data_on_device,
+                                                        self.ctx.num_gpus)
+        self.held = {}  # streamed: this batch's units as evaluated, by first row
         self.objective = losses.Objective.of(self.cfg.model, data)
         self.version = None
         return self.info()
@@ -69,10 +72,11 @@ class SandblasterWorker:
         return {"pid": os.getpid(), "rank": self.ctx.rank, "device": str(self.device),
                 "node_id": ray.get_runtime_context().get_node_id() if ray.is_initialized() else None}
 
-    def evaluate(self, version: int, box: list, key: int, lo: int, hi: int) -> dict:
+    def evaluate(self, version: int, box: list, key: int, lo: int, hi: int, pieces: list | None = None) -> dict:
         """Loss and gradient summed over examples [lo, hi) of iteration ``key``'s batch (key -1: the
         whole training set), at parameters ``version``. ``box`` holds the parameters' object
-        reference, unresolved: they are fetched only when ``version`` is not the one loaded."""
+        reference, unresolved: they are fetched only when ``version`` is not the one loaded.
+        ``pieces``: a streamed batch's unit, as the blocks that hold its rows (units.py)."""
         import ray
 
         t0 = clock(self.device)
@@ -82,7 +86,7 @@ class SandblasterWorker:
             with torch.no_grad():
                 self.flat.copy_(torch.from_numpy(np.array(params)))  # a writable copy
             self.version, fetched = version, params.nbytes
-        x, y = self.inputs(self._examples(key, lo, hi))
+        x, y = self._streamed(key, lo, pieces) if pieces is not None else self.inputs(self._examples(key, lo, hi))
         loss, correct = self._gradient(x, y, self.precision)
         if not self.precision.unscale_(self.grad):  # an fp16 overflow: this unit again in fp32
             loss, correct = self._gradient(x, y, None)
@@ -112,3 +116,14 @@ class SandblasterWorker:
             self.batch = batch_indices(len(self.data.y_train), self.cfg.sandblaster.lbfgs_batch,
                                        self.cfg.run.seed, key)
         return self.batch[lo:hi]
+
+    def _streamed(self, key: int, lo: int, pieces: list) -> tuple[torch.Tensor, torch.Tensor]:
+        """A streamed unit's tensors, fetched once per batch: the line search evaluates it again."""
+        from ray_train.strategies.sandblaster.units import read_unit
+
+        if key != self.batch_key:
+            self.batch_key, self.held = key, {}
+        if lo not in self.held:
+            x, y = read_unit(self.data, pieces)
+            self.held[lo] = (torch.from_numpy(x).to(self.device), torch.from_numpy(y).to(self.device))
+        return self.held[lo]
