@@ -20,8 +20,9 @@ class DataError(UserError):
     """Offline, corrupt or truncated data files; the message names the file and what to do."""
 
 
-class StorageError(UserError):
-    """A --storage URI that cannot be used: unknown scheme, no such bucket, credentials refused."""
+class StorageError(UserError, OSError):
+    """A --storage URI that cannot be used: unknown scheme, no such bucket, credentials refused, a
+    failed upload; an OSError too, as the local file errors it stands beside."""
 
 
 class ResourceError(UserError):

@@ -180,6 +180,20 @@ def test_a_shard_restarted_anywhere_finds_its_snapshot_in_the_bucket(s3):
     assert ParameterShard(0, 6, optim, snapshot_path=path).restored_version is None
 
 
+def test_a_shard_on_a_node_without_access_says_so_in_one_line(s3, monkeypatch):
+    from ray_train.config import OptimConfig
+    from ray_train.errors import StorageError
+    from ray_train.strategies.downpour.parameter_server import ParameterShard
+
+    """What Ray's restart of a shard on a node without credentials for the bucket does: a clear
+    line (the engine turns it into the run's one-line error), never a shard started from nothing."""
+    path = f"s3://{BUCKET}/runs/y/ps/shard-0.pt"
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIANOTAKEY")
+    with pytest.raises(StorageError, match=f"parameter shard 0 cannot read its snapshot {path}") as err:
+        ParameterShard(0, 6, OptimConfig(optimizer="sgd", lr=0.1), snapshot_path=path)
+    assert "\n" not in str(err.value) and "AWS_ENDPOINT_URL" in str(err.value)
+
+
 def test_a_missing_bucket_is_one_line(s3, capsys):
     line = one_line_error(capsys, [*ARGS, "--storage", "s3://no-such-bucket/runs"])
     assert "bucket no-such-bucket does not exist" in line
@@ -201,3 +215,22 @@ def test_an_unknown_scheme_a_resume_of_nothing_and_compare_on_a_uri_are_one_line
     assert "no such run folder" in line
     line = one_line_error(capsys, ["compare", "--storage", f"s3://{BUCKET}/runs"])
     assert "compare writes to a local folder" in line
+
+
+def test_a_shard_restarted_without_access_ends_the_run_with_that_line(s3, ray_cluster):
+    """The same shard as a Ray actor on a worker whose environment has no valid key: its death
+    carries the line, which the engine raises as the run's StorageError (one line, exit 2)."""
+    import ray
+
+    from ray_train.config import OptimConfig
+    from ray_train.strategies.downpour.engine import _storage_failure
+    from ray_train.strategies.downpour.parameter_server import ParameterShard
+
+    path = f"s3://{BUCKET}/runs/z/ps/shard-1.pt"
+    env = {"AWS_ENDPOINT_URL": s3, "AWS_ACCESS_KEY_ID": "AKIANOTAKEY", "AWS_SECRET_ACCESS_KEY": "wrong"}
+    shard = ray.remote(ParameterShard).options(num_cpus=0, max_restarts=0, runtime_env={"env_vars": env}).remote(
+        1, 6, OptimConfig(optimizer="sgd", lr=0.1), None, False, path)
+    with pytest.raises(ray.exceptions.RayActorError) as err:
+        ray.get(shard.info.remote(), timeout=300)
+    line = _storage_failure(err.value)
+    assert line is not None and line.startswith(f"parameter shard 1 cannot read its snapshot {path}"), str(err.value)

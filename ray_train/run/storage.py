@@ -110,11 +110,24 @@ def _is_bucket_store(fs) -> bool:
     return type(fs).__name__ in ("S3FileSystem", "GcsFileSystem")
 
 
+@contextlib.contextmanager
+def _reported(path: str, doing: str):
+    """An error of the remote file system as a StorageError (one line, and still an OSError)."""
+    try:
+        yield
+    except StorageError:
+        raise
+    except OSError as exc:
+        denied = " (access denied: check the credentials)" if any(s in str(exc) for s in _DENIED) else ""
+        raise StorageError(f"run.storage: cannot {doing} {path}{denied}: {_first_line(exc)}") from None
+
+
 def _type(path: str):
     import pyarrow.fs
 
     fs, inner = _resolve(path)
-    return fs.get_file_info(inner).type, pyarrow.fs.FileType
+    with _reported(path, "read"):
+        return fs.get_file_info(inner).type, pyarrow.fs.FileType
 
 
 def exists(path: str) -> bool:
@@ -146,7 +159,8 @@ def listdir(path: str) -> list[str]:
     import pyarrow.fs
 
     fs, inner = _resolve(path)
-    infos = fs.get_file_info(pyarrow.fs.FileSelector(inner, allow_not_found=True))
+    with _reported(path, "list"):
+        infos = fs.get_file_info(pyarrow.fs.FileSelector(inner, allow_not_found=True))
     return [posixpath.basename(i.path) for i in infos]
 
 
@@ -161,7 +175,8 @@ def remove(path: str) -> None:
         os.remove(path)
         return
     fs, inner = _resolve(path)
-    fs.delete_file(inner)
+    with _reported(path, "remove"):
+        fs.delete_file(inner)
 
 
 def read_bytes(path: str) -> bytes:
@@ -169,7 +184,7 @@ def read_bytes(path: str) -> bytes:
         with open(path, "rb") as fh:
             return fh.read()
     fs, inner = _resolve(path)
-    with fs.open_input_stream(inner) as fh:
+    with _reported(path, "read"), fs.open_input_stream(inner) as fh:
         return fh.read()
 
 
@@ -178,7 +193,7 @@ def write_bytes(path: str, data: bytes) -> str:
     one, never part of it (local files: run/files.atomic_write)."""
     assert is_uri(path), path
     fs, inner = _resolve(path)
-    with fs.open_output_stream(inner) as fh:
+    with _reported(path, "write"), fs.open_output_stream(inner) as fh:
         fh.write(data)
     return path
 

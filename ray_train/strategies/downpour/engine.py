@@ -19,7 +19,7 @@ import torch
 from ray_train.cluster import ReplicaContext, actor_class, check_resources, reserve, retried
 from ray_train.config import TrainConfig
 from ray_train.engine import Chunk, Engine
-from ray_train.errors import ConfigError
+from ray_train.errors import ConfigError, StorageError
 from ray_train.run import storage
 from ray_train.run.failure import Decision
 from ray_train.strategies.downpour.parameter_server import ParameterShard, StalenessGate, decay_ranges, split_bounds
@@ -42,6 +42,16 @@ def _adopted(failure: dict, info: dict) -> None:
     if info.get("adopted_version") is not None:
         lost = max(0, int(info["seen_before"]) - int(info["adopted_version"]))
         failure.update(adopted_version=int(info["adopted_version"]), updates_lost=lost, updates_lost_min=lost)
+
+
+def _storage_failure(exc: BaseException) -> str | None:
+    """The one line of a shard's StorageError: from its method (Ray's wrapper is an instance of
+    it) or from its constructor (the actor's death carries it as text only)."""
+    if isinstance(exc, StorageError):
+        return str(getattr(exc, "cause", None) or exc)
+    mark = f"{StorageError.__name__}: "
+    lines = [ln.split(mark, 1)[1].strip() for ln in str(exc).splitlines() if mark in ln]
+    return lines[-1] if lines else None
 
 
 class Downpour:
@@ -74,8 +84,16 @@ class Downpour:
                 storage.remove(path)  # a snapshot of an earlier run must not look like a crash
             self.shards.append(actor_class(ParameterShard, num_cpus=a.ps_cpus, max_restarts=cfg.run.max_failures).remote(
                 k, hi - lo, cfg.optim, decay_ranges(model, lo, hi), a.staleness_lr, path, a.snapshot_every_s))
-        ray.get([s.load.remote(states[k]) if states else s.assign.remote(flat[lo:hi])
-                 for k, (s, (lo, hi)) in enumerate(zip(self.shards, self.bounds))])
+        try:
+            ray.get([s.load.remote(states[k]) if states else s.assign.remote(flat[lo:hi])
+                     for k, (s, (lo, hi)) in enumerate(zip(self.shards, self.bounds))])
+        except (StorageError, ray.exceptions.RayActorError) as exc:  # a shard that cannot reach --storage
+            message = _storage_failure(exc)
+            if message is None:
+                raise
+            for shard in self.shards:
+                ray.kill(shard, no_restart=True)
+            raise StorageError(message) from None
         self.gate = None
         if a.max_staleness is not None:
             self.gate = actor_class(StalenessGate, num_cpus=0, max_concurrency=1000).remote(a.max_staleness)

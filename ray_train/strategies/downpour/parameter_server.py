@@ -19,6 +19,7 @@ import os
 import selectors
 import socket
 import struct
+import sys
 import threading
 import time
 import traceback
@@ -29,6 +30,7 @@ import torch
 
 from ray_train.cluster import tune_malloc
 from ray_train.config import OptimConfig
+from ray_train.errors import StorageError
 from ray_train.run import storage
 from ray_train.run.checkpoint import load_checked
 from ray_train.run.files import save_atomic
@@ -104,7 +106,7 @@ class ParameterShard:
         self.seen_before: int = 0  # the newest version replicas saw acknowledged before the restart
         self._ref = self._ref_version = None
         self.last_snapshot = -float("inf")
-        if snapshot_path and storage.exists(snapshot_path):
+        if snapshot_path and self._stored():
             # Only a restart after a crash finds its own snapshot: the driver removes stale ones.
             self.load(load_checked(snapshot_path))
             self.restored_version = self.version
@@ -154,7 +156,10 @@ class ParameterShard:
         self.stale_max = max(self.stale_max, staleness)
         self.recent.append(staleness)
         if self.snapshot_path and time.monotonic() - self.last_snapshot >= self.snapshot_every_s:
-            self.snapshot()
+            try:
+                self.snapshot()
+            except StorageError as exc:  # the previous snapshot stays; the next interval tries again
+                print(f"warning: {exc}; keeping the previous snapshot", file=sys.stderr, flush=True)
         return self.version
 
     @_locked
@@ -228,9 +233,25 @@ class ParameterShard:
 
     @_locked
     def snapshot(self) -> str:
-        """Atomic (temporary file + rename), so a crash mid-write leaves the previous snapshot."""
+        """Atomic (temporary file + rename, or one upload to a bucket), so a crash mid-write leaves
+        the previous snapshot."""
         self.last_snapshot = time.monotonic()
-        return save_atomic(self.snapshot_path, self.state())
+        try:
+            return save_atomic(self.snapshot_path, self.state())
+        except OSError as exc:  # a bucket this node has no credentials for, a full disk
+            raise self._no_access("write", exc) from None
+
+    def _stored(self) -> bool:
+        try:
+            return storage.exists(self.snapshot_path)
+        except OSError as exc:
+            raise self._no_access("read", exc) from None
+
+    def _no_access(self, doing: str, exc: OSError) -> StorageError:
+        return StorageError(f"parameter shard {self.index} cannot {doing} its snapshot {self.snapshot_path} "
+                            f"({str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}); "
+                            "every node needs access to --storage (credentials, and AWS_ENDPOINT_URL for an "
+                            "S3-compatible server)")
 
 
 def _node_id() -> str | None:
