@@ -11,7 +11,9 @@
       activations held for backward, resident set) for S = 1, 2 and 4, and 1F1B against GPipe
       at M = 8.
 
-Run alone: ``python scripts/bench_pipeline.py [--steps N] [--only a b c]``; prints JSON.
+Run alone: ``python scripts/bench_pipeline.py [--steps N] [--only a c] [--profile]``; prints JSON.
+``--profile`` adds where each stage actor's step goes (cProfile: forward, backward, waiting for a
+receive, posting sends and receives, the optimizer, ms per step).
 """
 from __future__ import annotations
 
@@ -81,29 +83,63 @@ def one_process(steps: int, warmup: int) -> float:
     return BATCH / statistics.median(times)
 
 
+# Where a stage's step goes (--profile): cProfile's cumulative seconds of these calls, per step.
+PROFILED = {"forward": "_wrapped_call_impl", "backward": "backward", "receive wait": "<method 'wait' of",
+            "isend": "isend", "irecv": "irecv", "optimizer": "_sgd", "batch": "to_tensor"}
+
+
+def _profiled_stage():
+    from ray_train.worker.pipeline import Stage
+
+    class ProfiledStage(Stage):
+        def profile_steps(self, n: int) -> dict:
+            """train_steps(n) under cProfile: per step, the milliseconds in PROFILED's calls (the
+            receive wait includes the sends' completion at the end of a step)."""
+            import cProfile
+            import pstats
+
+            prof = cProfile.Profile()
+            prof.enable()
+            res = self.train_steps(n)
+            prof.disable()
+            stats = pstats.Stats(prof).stats
+            out = {"step": float(res["step_ms"].mean())}
+            for label, needle in PROFILED.items():
+                # the outermost call of each: nested calls of the same function are in its cumulative time
+                out[label] = max((ct for (_, _, fn), (_, _, _, ct, _) in stats.items() if needle in fn),
+                                 default=0.0) * 1e3 / n
+            return {**res, "profile": out}
+
+    return ProfiledStage
+
+
 def stage_actors(schedule: str, steps: int, warmup: int, net=compute_net, stages=STAGES, cpus=1.0,
-                 batch=BATCH, micro=MICRO) -> dict:
+                 batch=BATCH, micro=MICRO, profile: bool = False) -> dict:
     """One replica of ``stages`` stage actors: samples/s from the last stage's median step time,
-    the measured bubble, and each stage's memory."""
+    the measured bubble, each stage's memory, and with ``profile`` where each stage's step went
+    (a second run of ``steps`` steps under cProfile, after the timed one)."""
     import ray
 
     from ray_train.data.loaders import load_dataset
     from ray_train.worker.pipeline_group import PipelineGroup
 
-    cfg = _cfg(stages, schedule, cpus, batch, micro, batch * (steps + warmup))
+    cfg = _cfg(stages, schedule, cpus, batch, micro, batch * (2 * steps + warmup))
     data = load_dataset(cfg.data, seed=0)
-    group = PipelineGroup.create(cfg, ray.put(data), net)
+    group = PipelineGroup.create(cfg, ray.put(data), net, _profiled_stage())
     try:
         ray.get([a.set_epoch.remote(0, cfg.optim.lr) for a in group.actors])
         ray.get([a.train_steps.remote(warmup) for a in group.actors])
         results = ray.get([a.train_steps.remote(steps) for a in group.actors])
         memory = ray.get([a.memory.remote() for a in group.actors])
+        profiles = ([r["profile"] for r in ray.get([a.profile_steps.remote(steps) for a in group.actors])]
+                    if profile else None)
     finally:
         group.shutdown()
     step_s = statistics.median(results[-1]["step_ms"].tolist()) / 1e3
     waited = sum(float(r["wait_ms"].sum()) for r in results)
     busy = sum(float(r["step_ms"].sum()) for r in results)
-    return {"samples_per_s": batch / step_s, "bubble": waited / busy, "memory": memory}
+    out = {"samples_per_s": batch / step_s, "bubble": waited / busy, "memory": memory}
+    return out | ({"profile_ms_per_step": profiles} if profile else {})
 
 
 # -- torch.distributed.pipelining, two processes over gloo --------------------------------------------
@@ -160,18 +196,20 @@ def torch_pipelining(schedule: str, steps: int, warmup: int) -> float | str:
 
 
 # -- the section ------------------------------------------------------------------------------------------
-def throughput(steps: int = 60, warmup: int = 5) -> dict:
+def throughput(steps: int = 60, warmup: int = 5, profile: bool = False) -> dict:
     bound = STAGES * MICRO / (MICRO + STAGES - 1)
     single = one_process(steps, warmup)
     out = {"network": f"784-{WIDTH}x6-10", "batch": BATCH, "micro_batches": MICRO, "stages": STAGES,
            "one_process_1cpu": single, "bound_speedup": bound}
     for schedule in ("gpipe", "1f1b"):
-        ours = stage_actors(schedule, steps, warmup)
+        ours = stage_actors(schedule, steps, warmup, profile=profile)
         theirs = torch_pipelining(schedule, steps, warmup)
         out[schedule] = {"stage_actors": ours["samples_per_s"], "speedup": ours["samples_per_s"] / single,
                          "of_bound": ours["samples_per_s"] / single / bound, "bubble_measured": ours["bubble"],
                          "torch_pipelining": theirs,
-                         "torch_speedup": theirs / single if isinstance(theirs, float) else None}
+                         "torch_speedup": theirs / single if isinstance(theirs, float) else None,
+                         "torch_of_bound": theirs / single / bound if isinstance(theirs, float) else None,
+                         **({"profile_ms_per_step": ours["profile_ms_per_step"]} if profile else {})}
         _progress(schedule, out[schedule])
     return out
 
@@ -191,10 +229,10 @@ def memory(steps: int = 3) -> dict:
     return out
 
 
-def bench(steps: int = 60, only=("a", "c")) -> dict:
+def bench(steps: int = 60, only=("a", "c"), profile: bool = False) -> dict:
     report = {}
     if "a" in only:
-        report["throughput"] = throughput(steps)
+        report["throughput"] = throughput(steps, profile=profile)
     if "c" in only:
         report["memory"] = memory()
     return report
@@ -204,8 +242,9 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--only", nargs="+", default=["a", "c"], choices=["a", "c"], help="a: throughput, c: memory")
+    p.add_argument("--profile", action="store_true", help="also where each stage's step goes (cProfile, ms per step)")
     args = p.parse_args()
     from ray_train.cluster import init_ray
 
     init_ray(num_cpus=2)
-    print(json.dumps(bench(args.steps, args.only), indent=2))
+    print(json.dumps(bench(args.steps, args.only, args.profile), indent=2))

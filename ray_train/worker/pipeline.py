@@ -35,6 +35,30 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+class _Inbox:
+    """The ``count`` tensors of ``shape`` one neighbour sends a stage in a step, in order, each
+    receive posted as the one before is taken; ``waited``: seconds spent waiting for them."""
+
+    def __init__(self, src: int, shape: tuple, count: int) -> None:
+        self.src, self.shape, self.left, self.waited = src, shape, count, 0.0
+        self.next = self._post()
+
+    def _post(self):
+        if not self.left:
+            return None
+        self.left -= 1
+        buf = torch.empty(self.shape)
+        return dist.irecv(buf, self.src), buf
+
+    def take(self) -> torch.Tensor:
+        work, buf = self.next
+        t0 = time.perf_counter()
+        work.wait()
+        self.waited += time.perf_counter() - t0
+        self.next = self._post()
+        return buf
+
+
 @dataclass(frozen=True)
 class StageContext:
     """Where a stage actor sits: replica ``replica`` of ``replicas``, stage ``stage`` of ``stages``."""
@@ -165,27 +189,29 @@ class Stage:
     def step(self, idx: np.ndarray) -> tuple[float, int, float, int]:
         """Forward and backward of one batch's micro-batches in this stage's schedule order; the
         gradient of the batch's mean loss accumulates in ``self.grad``. Returns (summed loss,
-        hits, seconds waiting for a neighbour, bytes sent)."""
+        hits, seconds waiting for a neighbour, bytes sent).
+
+        Receives are posted one micro-batch ahead (``irecv``): gloo moves a message only once its
+        receive is posted, so a receive posted when its input is needed would put a round trip and
+        the copy on the critical path; posted ahead, they overlap this stage's compute. One ahead
+        per direction keeps 1F1B's activation memory bounded by S."""
         micro = self.cfg.pipeline.micro_batches
         rows = len(idx) // micro
         xs = to_tensor(self.data.x_train[idx]).chunk(micro) if self.first else None
         ys = torch.from_numpy(self.data.y_train[idx]).chunk(micro) if self.last else None
         self.grad.zero_()
+        acts = None if self.first else _Inbox(self.me - 1, (rows, *self.in_shape), micro)
+        grads = None if self.last else _Inbox(self.me + 1, (rows, *self.out_shape), micro)
         inputs, outputs, sends = {}, {}, []
-        loss_sum, hits, waited, sent, held = 0.0, 0, 0.0, 0, 0
+        loss_sum, hits, sent, held = 0.0, 0, 0, 0
         for kind, m in self.plan:
             if kind == "F":
-                if self.first:
-                    inp = xs[m]
-                else:
-                    inp = torch.empty((rows, *self.in_shape))
-                    waited += self._recv(inp, self.me - 1)
-                    inp.requires_grad_()
+                inp = xs[m] if self.first else acts.take().requires_grad_()
                 out = self.part(inp)
                 if not self.last:
                     act = out.detach()
                     sends.append((dist.isend(act, self.me + 1), act))
-                    sent += act.numel() * act.element_size()
+                    sent += _nbytes(act)
                 inputs[m], outputs[m] = inp, out
                 held += _nbytes(inp) + _nbytes(out)
                 self.act_peak = max(self.act_peak, held)
@@ -198,19 +224,19 @@ class Stage:
                 hits += int((out.detach().argmax(1) == ys[m]).sum())
                 (loss / micro).backward()
             else:
-                grad = torch.empty_like(out)
-                waited += self._recv(grad, self.me + 1)
+                grad = grads.take()
                 if out.requires_grad:  # a first stage without parameters has nothing to differentiate
                     out.backward(grad)
             if not self.first:
                 sends.append((dist.isend(inp.grad, self.me - 1), inp.grad))
-                sent += inp.grad.numel() * inp.grad.element_size()
+                sent += _nbytes(inp.grad)
         for work, _ in sends:
             work.wait()
         if self.cfg.optim.l1:
             for p in self.params:
                 if p.dim() > 1:
                     p.grad.add_(torch.sign(p.detach()), alpha=self.cfg.optim.l1)
+        waited = (acts.waited if acts else 0.0) + (grads.waited if grads else 0.0)
         return loss_sum, hits, waited, sent
 
     def memory(self) -> dict:
@@ -227,12 +253,6 @@ class Stage:
                     status[key] = int(value.split()[0]) * 1024
         return {"params": sum(_nbytes(p) for p in self.params), "optimizer": opt, "activations_peak": self.act_peak,
                 "rss_peak": status.get("VmHWM"), "rss": status.get("VmRSS")}
-
-    @staticmethod
-    def _recv(tensor: torch.Tensor, src: int) -> float:
-        t0 = time.perf_counter()
-        dist.recv(tensor, src)
-        return time.perf_counter() - t0
 
     # -- evaluation and state ----------------------------------------------------------------
     @torch.no_grad()
