@@ -105,8 +105,9 @@ def test_sync_shrinks_on_a_node_loss_and_grows_back_when_a_node_is_added(cluster
     assert [r["replicas"] for r in counts] == [2, 1, 2], counts
     start, shrunk, grown = counts
     # the restart after the loss came from a checkpoint at or before the epoch it was lost in;
-    # growing waited for the epoch end after the node joined
-    assert 1 <= shrunk["epoch"] <= events[0][1] and grown["epoch"] == events[1][1] < 6, (counts, events)
+    # growing came at an epoch end once the node had joined (the same one, unless Ray was slow
+    # to place the probe there)
+    assert 1 <= shrunk["epoch"] <= events[0][1] and events[1][1] <= grown["epoch"] < 6, (counts, events)
     # per-replica batch fixed: one replica takes twice the steps of two over the same epochs
     two, one = steps_per_epoch(TRAIN, 2, BATCH), steps_per_epoch(TRAIN, 1, BATCH)
     assert shrunk["step"] == shrunk["epoch"] * two
