@@ -3,7 +3,8 @@
   (a) throughput: one replica of S = 2 stage actors x 1 CPU on a compute-bound fully connected
       network (784-1024x6-10, 5.5M parameters, batch 256, M = 8 micro-batches), GPipe and 1F1B,
       against one process on 1 CPU (the same network and batch, plain PyTorch, 1 thread) and
-      against the pipeline bound S*M/(M+S-1);
+      against the pipeline bound S*M/(M+S-1), and one process that runs the batch as the same M
+      micro-batches one after the other (what micro-batching alone costs);
   (b) beside it, torch.distributed.pipelining (ScheduleGPipe / Schedule1F1B, two processes over
       gloo on the same split), the anchor to beat;
   (c) memory: four fully connected layers of width 4,096 (784-4096x4-10, 53.5M parameters,
@@ -63,29 +64,33 @@ def _cfg(stages: int, schedule: str, cpus: float, batch: int, micro: int, n_trai
     })
 
 
-def one_process(steps: int, warmup: int) -> float:
-    """Samples/s of plain PyTorch on 1 thread: the same network, batch and optimizer."""
+def one_process(steps: int, warmup: int, micro: int = 1, batch: int = BATCH) -> float:
+    """Samples/s of plain PyTorch on 1 thread: the same network, batch and optimizer; with
+    ``micro`` > 1 the batch goes through as that many micro-batches one after the other (what a
+    pipeline's stages compute, without the pipeline: smaller matrix products cost more per
+    sample, a loss no schedule recovers)."""
     import torch
     import torch.nn.functional as F
 
     torch.set_num_threads(1)
     net = compute_net()
     opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
-    x, y = torch.rand(BATCH, 1, 28, 28), torch.randint(0, 10, (BATCH,))
+    x, y = torch.rand(batch, 1, 28, 28), torch.randint(0, 10, (batch,))
     times = []
     for i in range(warmup + steps):
         t0 = time.perf_counter()
         opt.zero_grad()
-        F.cross_entropy(net(x), y).backward()
+        for xs, ys in zip(x.chunk(micro), y.chunk(micro)):
+            (F.cross_entropy(net(xs), ys) / micro).backward()
         opt.step()
         if i >= warmup:
             times.append(time.perf_counter() - t0)
-    return BATCH / statistics.median(times)
+    return batch / statistics.median(times)
 
 
 # Where a stage's step goes (--profile): cProfile's cumulative seconds of these calls, per step.
-PROFILED = {"forward": "_wrapped_call_impl", "backward": "backward", "receive wait": "<method 'wait' of",
-            "isend": "isend", "irecv": "irecv", "optimizer": "_sgd", "batch": "to_tensor"}
+PROFILED = {"forward": "_wrapped_call_impl", "backward": "backward", "isend": "isend", "irecv": "irecv",
+            "optimizer": "_sgd", "batch": "to_tensor"}
 
 
 def _profiled_stage():
@@ -93,8 +98,8 @@ def _profiled_stage():
 
     class ProfiledStage(Stage):
         def profile_steps(self, n: int) -> dict:
-            """train_steps(n) under cProfile: per step, the milliseconds in PROFILED's calls (the
-            receive wait includes the sends' completion at the end of a step)."""
+            """train_steps(n) under cProfile: per step, the milliseconds in PROFILED's calls, and
+            the time waiting for a neighbour's message (the stage's own wait_ms)."""
             import cProfile
             import pstats
 
@@ -103,7 +108,7 @@ def _profiled_stage():
             res = self.train_steps(n)
             prof.disable()
             stats = pstats.Stats(prof).stats
-            out = {"step": float(res["step_ms"].mean())}
+            out = {"step": float(res["step_ms"].mean()), "receive wait": float(res["wait_ms"].mean())}
             for label, needle in PROFILED.items():
                 # the outermost call of each: nested calls of the same function are in its cumulative time
                 out[label] = max((ct for (_, _, fn), (_, _, _, ct, _) in stats.items() if needle in fn),
@@ -143,7 +148,7 @@ def stage_actors(schedule: str, steps: int, warmup: int, net=compute_net, stages
 
 
 # -- torch.distributed.pipelining, two processes over gloo --------------------------------------------
-def _torch_stage(rank: int, world: int, port: int, schedule: str, steps: int, warmup: int, out) -> None:
+def _torch_stage(rank: int, world: int, port: int, schedule: str, steps: int, warmup: int, batch: int, out) -> None:
     import torch
     import torch.distributed as dist
     import torch.nn.functional as F
@@ -158,7 +163,7 @@ def _torch_stage(rank: int, world: int, port: int, schedule: str, steps: int, wa
     kind = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}[schedule]
     sched = kind(stage, n_microbatches=MICRO, loss_fn=lambda out, y: F.cross_entropy(out, y))
     opt = torch.optim.SGD(part.parameters(), lr=0.01, momentum=0.9)
-    x, y = torch.rand(BATCH, 1, 28, 28), torch.randint(0, 10, (BATCH,))
+    x, y = torch.rand(batch, 1, 28, 28), torch.randint(0, 10, (batch,))
     times = []
     for i in range(warmup + steps):
         t0 = time.perf_counter()
@@ -172,11 +177,11 @@ def _torch_stage(rank: int, world: int, port: int, schedule: str, steps: int, wa
         opt.step()
         if i >= warmup:
             times.append(time.perf_counter() - t0)
-    out.put((rank, BATCH / statistics.median(times)))
+    out.put((rank, batch / statistics.median(times)))
     dist.destroy_process_group()
 
 
-def torch_pipelining(schedule: str, steps: int, warmup: int) -> float | str:
+def torch_pipelining(schedule: str, steps: int, warmup: int, batch: int = BATCH) -> float | str:
     import multiprocessing as mp
 
     from ray_train.cluster import free_port
@@ -184,7 +189,7 @@ def torch_pipelining(schedule: str, steps: int, warmup: int) -> float | str:
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_torch_stage, args=(r, STAGES, port, schedule, steps, warmup, out)) for r in range(STAGES)]
+    procs = [ctx.Process(target=_torch_stage, args=(r, STAGES, port, schedule, steps, warmup, batch, out)) for r in range(STAGES)]
     for p in procs:
         p.start()
     for p in procs:
@@ -196,19 +201,24 @@ def torch_pipelining(schedule: str, steps: int, warmup: int) -> float | str:
 
 
 # -- the section ------------------------------------------------------------------------------------------
-def throughput(steps: int = 60, warmup: int = 5, profile: bool = False) -> dict:
+def throughput(steps: int = 60, warmup: int = 5, profile: bool = False, batch: int = BATCH) -> dict:
     bound = STAGES * MICRO / (MICRO + STAGES - 1)
-    single = one_process(steps, warmup)
-    out = {"network": f"784-{WIDTH}x6-10", "batch": BATCH, "micro_batches": MICRO, "stages": STAGES,
-           "one_process_1cpu": single, "bound_speedup": bound}
+    single = one_process(steps, warmup, batch=batch)
+    micro = one_process(steps, warmup, MICRO, batch=batch)
+    out = {"network": f"784-{WIDTH}x6-10", "batch": batch, "micro_batches": MICRO, "stages": STAGES,
+           "one_process_1cpu": single, "one_process_1cpu_micro": micro, "bound_speedup": bound,
+           # the best a pipeline of these micro-batches can do, in the bound's terms
+           "micro_bound_of_bound": micro / single}
     for schedule in ("gpipe", "1f1b"):
-        ours = stage_actors(schedule, steps, warmup, profile=profile)
-        theirs = torch_pipelining(schedule, steps, warmup)
+        ours = stage_actors(schedule, steps, warmup, profile=profile, batch=batch)
+        theirs = torch_pipelining(schedule, steps, warmup, batch)
         out[schedule] = {"stage_actors": ours["samples_per_s"], "speedup": ours["samples_per_s"] / single,
                          "of_bound": ours["samples_per_s"] / single / bound, "bubble_measured": ours["bubble"],
+                         "of_micro_bound": ours["samples_per_s"] / micro / bound,
                          "torch_pipelining": theirs,
                          "torch_speedup": theirs / single if isinstance(theirs, float) else None,
                          "torch_of_bound": theirs / single / bound if isinstance(theirs, float) else None,
+                         "torch_of_micro_bound": theirs / micro / bound if isinstance(theirs, float) else None,
                          **({"profile_ms_per_step": ours["profile_ms_per_step"]} if profile else {})}
         _progress(schedule, out[schedule])
     return out
@@ -229,10 +239,10 @@ def memory(steps: int = 3) -> dict:
     return out
 
 
-def bench(steps: int = 60, only=("a", "c"), profile: bool = False) -> dict:
+def bench(steps: int = 60, only=("a", "c"), profile: bool = False, batch: int = BATCH) -> dict:
     report = {}
     if "a" in only:
-        report["throughput"] = throughput(steps, profile=profile)
+        report["throughput"] = throughput(steps, profile=profile, batch=batch)
     if "c" in only:
         report["memory"] = memory()
     return report
@@ -243,8 +253,10 @@ if __name__ == "__main__":
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--only", nargs="+", default=["a", "c"], choices=["a", "c"], help="a: throughput, c: memory")
     p.add_argument("--profile", action="store_true", help="also where each stage's step goes (cProfile, ms per step)")
+    p.add_argument("--batch", type=int, default=BATCH, help=f"throughput's batch (default {BATCH}; M = {MICRO} "
+                   "micro-batches of batch/M rows: small ones cost more per sample, see one_process_1cpu_micro)")
     args = p.parse_args()
     from ray_train.cluster import init_ray
 
     init_ray(num_cpus=2)
-    print(json.dumps(bench(args.steps, args.only, args.profile), indent=2))
+    print(json.dumps(bench(args.steps, args.only, args.profile, args.batch), indent=2))

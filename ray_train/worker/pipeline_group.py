@@ -10,7 +10,7 @@ from ray_train.cluster import actor_class, reserve
 from ray_train.config import TrainConfig
 from ray_train.run.failure import ReplicaDied
 from ray_train.worker.evaluation import EvalResult, combine
-from ray_train.worker.group import PEER_DEATH_TIMEOUT_S, ReplicaGroup
+from ray_train.worker.group import ReplicaGroup
 from ray_train.worker.pipeline import Stage, StageContext
 
 
@@ -93,30 +93,6 @@ class PipelineGroup(ReplicaGroup):
 
     def evaluate(self, split: str, y) -> EvalResult:
         return combine([p for p in self.get([a.evaluate.remote(split) for a in self.actors]) if p is not None], y)
-
-    def get(self, refs: list) -> list:
-        """ReplicaGroup.get, but a stage's death is reported as soon as it is known: the stages
-        that wait on it hang (a neighbour waits in a receive, the other replicas' copies in the
-        gradient average with one of them) until the process group's timeout, so waiting for
-        every call first, as ray.get does, would hold the restart for minutes."""
-        import ray
-        from ray.exceptions import RayActorError
-
-        pending, error = list(refs), None
-        while pending:
-            # after a task's error (a broken connection, often), a dead stage behind it is looked for
-            ready, pending = ray.wait(pending, num_returns=1, timeout=PEER_DEATH_TIMEOUT_S if error else None)
-            if not ready:
-                break
-            try:
-                ray.get(ready[0])
-            except RayActorError as exc:
-                raise self._died(exc) from exc
-            except Exception as exc:
-                error = error or exc
-        if error is not None:
-            raise error
-        return ray.get(refs)
 
     def _died(self, exc) -> ReplicaDied:
         rank = self.rank_of(exc)
