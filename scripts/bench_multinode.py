@@ -37,6 +37,7 @@ import datetime as dt
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -113,7 +114,9 @@ def raytrain(address: str, steps: int, warmup: int) -> dict:
     for r in range(WORKERS):
         with open(f"{out}.{r}") as fh:
             figures.append(json.load(fh))
-    return {**figures[0], "nodes": [f["node"] for f in figures]}
+    shutil.rmtree(storage, ignore_errors=True)
+    return {**figures[0], "nodes": [f["node"] for f in figures],
+            "step_ms": max(f["timed_s"] for f in figures) * 1e3 / steps}
 
 
 # -- the cases ----------------------------------------------------------------------------------
@@ -138,9 +141,24 @@ def ours(address: str, placement: str, steps: int, warmup: int, replicas: int = 
         raise RuntimeError(f"the CLI run failed ({proc.returncode}): {proc.stderr[-2000:]}")
     with open(os.path.join(storage, "bench", "summary.json")) as fh:
         summary = json.load(fh)
+    step_ms = slowest_step_ms(os.path.join(storage, "bench"), replicas)
+    shutil.rmtree(storage, ignore_errors=True)
     return {"samples_per_s": summary["samples_per_s"], "timed_s": summary["train_s"], "steps": summary["steps"],
-            "allreduce": summary.get("allreduce"), "nodes": summary["nodes"]["replicas"],
+            "step_ms": step_ms, "allreduce": summary.get("allreduce"), "nodes": summary["nodes"]["replicas"],
             "first_line": next((ln for ln in proc.stdout.splitlines() if "gradient averaging" in ln), "")}
+
+
+def slowest_step_ms(run_dir: str, replicas: int) -> float:
+    """A step's milliseconds, averaging included, at the slowest replica's pace (each chunk's
+    slowest mean step time, weighted by its steps; the run's TensorBoard scalars)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(run_dir, size_guidance={"scalars": 0})
+    acc.Reload()
+    chunks = [acc.Scalars(f"time/step_ms/replica_{r}") for r in range(replicas)]
+    steps = [p.step for p in chunks[0]]
+    sizes = [b - a for a, b in zip([0] + steps[:-1], steps)]
+    return sum(max(c[i].value for c in chunks) * n for i, n in enumerate(sizes)) / sum(sizes)
 
 
 def run_raytrain(address: str, steps: int, warmup: int) -> dict:
@@ -215,6 +233,7 @@ def bench(steps: int = 300, warmup: int = 10, repeat: int = 3, four: bool = Fals
 
     cores = os.cpu_count() or 1
     return {"samples_per_s": median, "ratios": ratios(median),
+            "step_ms": {c: statistics.median(r[c]["step_ms"] for r in rounds) for c in cases},
             "ratios_per_round": [ratios({c: r[c]["samples_per_s"] for c in cases}) for r in rounds],
             "targets": {"across_vs_single": 0.85, "across_vs_raytrain": 1.3, "across4_hier_vs_gloo": None},
             "allreduce": {c: rounds[0][c].get("allreduce") for c in cases if c != "raytrain"},

@@ -156,6 +156,7 @@ def test_local_and_sandblaster_replicas_return_host_values_only():
 @pytest.mark.parametrize("argv,needle", [
     (["--allreduce", "shm", "--gpus-per-replica", "1"], "run.allreduce: shm averages gradients in host memory"),
     (["--allreduce", "nccl", "--gpus-per-replica", "0.5"], "nccl needs a whole GPU per replica"),
+    (["--allreduce", "hier", "--gpus-per-replica", "0.5"], "hier on GPUs runs NCCL"),
     (["--allreduce", "nccl"], "resources.gpus_per_replica is 0"),
     (["--precision", "fp8"], "run.precision"),
     (["--data-on-device", "yes"], "resources.data_on_device"),

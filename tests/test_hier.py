@@ -114,3 +114,67 @@ def test_hier_on_shared_gpus_is_refused():
 
     with pytest.raises(ConfigError, match="hier"):
         build_config(overrides={"run": {"allreduce": "hier"}, "resources": {"gpus_per_replica": 0.5}})
+
+
+class _Recorder:
+    """A node stage that records what it is asked; its peers' copies arrive when ``arrived`` says."""
+
+    def __init__(self, arrived=lambda b: True):
+        self.calls, self.arrived = [], arrived
+
+    def has(self, b, step):
+        return self.arrived(b)
+
+    def contribute(self, b, lo, hi, flat, step):
+        self.calls.append(("contribute", b, step))
+
+    def collect(self, b, lo, hi, flat, step):
+        self.calls.append(("collect", b, step))
+
+    def publish(self, flat, step):
+        self.calls.append(("publish", step))
+
+    def receive(self, flat, step):
+        self.calls.append(("receive", step))
+
+    def close(self):
+        pass
+
+
+def _hooked(rank: int, node):
+    import torch
+
+    from ray_train.worker.comm import flatten_grads
+    from ray_train.worker.hier import HierarchicalAllreduce
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(20, 30), torch.nn.Tanh(), torch.nn.Linear(30, 4))
+    params = list(model.parameters())
+    flat = flatten_grads(params)
+    comm = HierarchicalAllreduce(Hierarchy(("a", "a")), rank, flat.numel(), None, node, params, flat,
+                                 bucket_bytes=4 * 130)
+    return model, flat, comm
+
+
+def test_buckets_pass_on_in_bucket_order_from_backward():
+    """A peer writes every bucket from backward's hooks; the leader sums and launches those whose
+    peers' copies are in, in bucket order, and leaves the rest (here bucket 1 and so bucket 2) to
+    ``mean_``, which also hands the mean on. Every collective keeps one order on every rank."""
+    import torch
+
+    peer = _Recorder()
+    model, flat, comm = _hooked(1, peer)
+    assert len(comm.bounds) == 3
+    model(torch.randn(8, 20)).square().sum().backward()
+    assert peer.calls == [("contribute", b, 1) for b in range(3)]
+    comm.mean_(flat)
+    assert peer.calls[-1] == ("receive", 1)
+
+    late = _Recorder(arrived=lambda b: b != 1)
+    model, flat, comm = _hooked(0, late)
+    model(torch.randn(8, 20)).square().sum().backward()
+    assert late.calls == [("collect", 0, 1)]
+    comm.mean_(flat)
+    assert late.calls == [("collect", 0, 1), ("collect", 1, 1), ("collect", 2, 1), ("publish", 1)]
+    comm.close()
+    assert not comm.hooks

@@ -10,10 +10,11 @@ hierarchical allreduce, in two levels):
 3. each leader hands the mean back to its node (shared memory, or a broadcast in the node's group).
 
 Only step 2 crosses the network, once per node instead of once per replica. The gradient goes in
-buckets as backward produces them (``comm.grad_buckets``, parameter hooks as in ``GradBuckets``):
-a peer writes each bucket into its slot as soon as it is complete; the leader adds its peers'
-bucket to its own and starts that bucket's all_reduce among the leaders at once, so the network
-part runs while backward goes on; ``mean_`` waits for the rest. The sums are those of a flat
+buckets as backward produces them (``comm.grad_buckets``, parameter hooks as in ``GradBuckets``),
+passed on in bucket order: a peer writes each bucket into its slot once it and the buckets before
+it are complete; the leader, once its peers' copies of a bucket are in, adds them to its own and
+starts that bucket's all_reduce among the leaders, so the network part runs while backward goes
+on; ``mean_`` does what backward left and waits. The sums are those of a flat
 allreduce in another order: the parameters equal single-node sync's to float32 rounding
 (tests/test_hier.py, tests/test_multinode.py).
 
@@ -118,6 +119,10 @@ class ShmNode:
         flat.copy_(self.slots[0])
 
     # the leader
+    def has(self, b: int, step: int) -> bool:
+        """Every peer has written bucket ``b`` of ``step``."""
+        return all(self.flags[j, b] >= step for j in range(1, self.size))
+
     def collect(self, b: int, lo: int, hi: int, flat: torch.Tensor, step: int) -> None:
         for j in range(1, self.size):  # in local rank order: the same sums on every run
             self._wait(j, b, step)
@@ -151,6 +156,9 @@ class GroupNode:
         self.works = []
         dist.broadcast(flat, src=self.leader, group=self.group)
 
+    def has(self, b: int, step: int) -> bool:
+        return True  # the reduce is a collective: the leader joins it and the peers arrive
+
     def collect(self, b: int, lo: int, hi: int, flat: torch.Tensor, step: int) -> None:
         dist.reduce(flat[lo:hi], dst=self.leader, group=self.group, async_op=True).wait()
 
@@ -181,7 +189,8 @@ class HierarchicalAllreduce:
 
     def _reset(self) -> None:
         self.left = list(self.size)
-        self.started = [False] * len(self.bounds)
+        self.ready = [False] * len(self.bounds)  # this rank's own copy of the bucket is complete
+        self.next = 0  # buckets before it are passed on: written, or summed and launched
         self.works: list = []
 
     def _hook(self, i: int):
@@ -189,26 +198,32 @@ class HierarchicalAllreduce:
             b = self.bucket_of[i]
             self.left[b] -= 1
             if self.left[b] == 0:
-                self._bucket(b, self.flat)
+                self.ready[b] = True
+                self._advance(self.flat, wait=False)
         return ready
 
-    def _bucket(self, b: int, flat: torch.Tensor) -> None:
-        if self.started[b]:
-            return
-        self.started[b] = True
-        lo, hi = self.bounds[b]
-        if not self.leader:
-            self.node.contribute(b, lo, hi, flat, self.step + 1)
-            return
-        if self.node is not None:
-            self.node.collect(b, lo, hi, flat, self.step + 1)
-        if self.across is not None:
-            self.works.append(dist.all_reduce(flat[lo:hi], group=self.across, async_op=True))
+    def _advance(self, flat: torch.Tensor, wait: bool) -> None:
+        """Pass on the complete buckets in bucket order (the order of every collective, whatever
+        order backward completes them in). From a hook the leader does not wait for its peers: a
+        bucket whose peers' copies are not all in waits for a later hook or ``mean_``."""
+        step = self.step + 1
+        while self.next < len(self.bounds) and self.ready[self.next]:
+            b, (lo, hi) = self.next, self.bounds[self.next]
+            if not self.leader:
+                self.node.contribute(b, lo, hi, flat, step)
+            else:
+                if self.node is not None:
+                    if not wait and not self.node.has(b, step):
+                        return
+                    self.node.collect(b, lo, hi, flat, step)
+                if self.across is not None:
+                    self.works.append(dist.all_reduce(flat[lo:hi], group=self.across, async_op=True))
+            self.next += 1
 
     def mean_(self, flat: torch.Tensor) -> None:
         assert not self.hooks or flat is self.flat, "the hooks fill the gradient buffer they were given"
-        for b in range(len(self.bounds)):  # any bucket backward did not complete (or no hooks)
-            self._bucket(b, flat)
+        self.ready = [True] * len(self.bounds)  # every bucket is final now (and without hooks: all of them)
+        self._advance(flat, wait=True)
         self.step += 1
         if self.leader:
             for w in self.works:
