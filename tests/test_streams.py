@@ -96,7 +96,8 @@ def test_image_folder_trains_with_sync_and_keeps_the_classes(sync_run):
 
 
 @pytest.mark.parametrize("strategy, extra", [
-    ("local", []), ("hogwild", []), ("async", []),
+    ("local", []), ("async", []),
+    ("hogwild", ["--lr", "0.05", "--epochs", "3"]),  # lock-free races: at 0.1 x 2 epochs it ended at chance once
     ("sandblaster", ["--lbfgs-iterations", "5", "--work-units", "4", "--lr", "1"]),  # L-BFGS's own rate
 ])
 def test_image_folder_trains_with_the_other_streaming_strategies(ray_cluster, folder, tmp_path, capsys, strategy,
