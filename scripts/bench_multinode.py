@@ -238,7 +238,7 @@ def bench(steps: int = 300, warmup: int = 10, repeat: int = 3, four: bool = Fals
             "targets": {"across_vs_single": 0.85, "across_vs_raytrain": 1.3, "across4_hier_vs_gloo": None},
             "allreduce": {c: rounds[0][c].get("allreduce") for c in cases if c != "raytrain"},
             "load_average": {"min": min(loads), "max": max(loads), "cores": cores},
-            "loaded": max(loads) > cores, "rounds": rounds}
+            "loaded": max(loads) > 2 * cores, "rounds": rounds}  # beyond what its own processes make
 
 
 def main() -> None:
