@@ -15,7 +15,10 @@ from ray_train.worker.replica import PG_TIMEOUT, Replica
 
 # How long the driver waits, after a replica's collective failed, for the peer death behind it.
 PEER_DEATH_TIMEOUT_S = PG_TIMEOUT.total_seconds()
-QUEUE = 2  # chunks queued per replica: the actors never wait for the driver, and a stop is prompt
+QUEUE = 2  # calls queued per replica: the actors never wait for the driver, and a stop is prompt
+# One call runs chunks worth up to TASK_S seconds of steps, MAX_BLOCKS chunks at most (a stop waits
+# for the QUEUE calls queued: about QUEUE x TASK_S)
+TASK_S, MAX_BLOCKS = 0.5, 8
 
 
 def choose_allreduce(cfg: TrainConfig, nodes: list[str]) -> tuple[str, str]:
@@ -41,6 +44,8 @@ def choose_allreduce(cfg: TrainConfig, nodes: list[str]) -> tuple[str, str]:
 
 
 class ReplicaGroup:
+    blocks = 1  # chunks per call once the first chunk's time is known (train_epoch)
+
     def __init__(self, actors: list, pg, info: list[dict], comm: str, shm_name: str | None = None,
                  stream=None, seed: int = 0) -> None:
         self.actors, self.pg, self.info, self.comm = actors, pg, info, comm
@@ -122,26 +127,40 @@ class ReplicaGroup:
         return f"{self.comm} ({hierarchy.describe('NCCL' if gpus else 'gloo')})"
 
     def train_epoch(self, epoch: int, lr: float, start: int, chunk: int, on_chunk, should_stop) -> bool:
-        """Run the epoch from step ``start`` as chunks of ``chunk`` steps, QUEUE of them queued on
+        """Run the epoch from step ``start`` as chunks of ``chunk`` steps, QUEUE calls queued on
         every actor (no per-step round trip through the driver), reporting each chunk's results
-        as it completes. Once ``should_stop()`` is true nothing more is queued and the chunks
+        as it completes. Once a chunk's time is known, one call runs several chunks (up to
+        TASK_S of steps, Replica.train_blocks): each call costs the replica a Ray task's handling
+        between its steps. Once ``should_stop()`` is true nothing more is queued and the calls
         already queued finish. True when the epoch is complete."""
 
         shards = self.shards(epoch)
         # in-memory data: the call as before (subclasses in tests and plug-ins take no shard)
         steps = self.get([a.set_epoch.remote(epoch, lr, start, *([shard] if shard is not None else []))
                           for a, shard in zip(self.actors, shards)])[0]
+        blocks_ok = all(hasattr(a, "train_blocks") for a in self.actors)
         pending: deque = deque()
         position, stopping = start, False
         while True:
             while not stopping and position < steps and len(pending) < QUEUE:
-                n = min(chunk, steps - position)
-                pending.append([a.train_steps.remote(n) for a in self.actors])
+                n = min(chunk * self.blocks, steps - position)
+                if blocks_ok and n > chunk:
+                    pending.append((True, [a.train_blocks.remote(n, chunk) for a in self.actors]))
+                else:
+                    n = min(chunk, n)
+                    pending.append((False, [a.train_steps.remote(n) for a in self.actors]))
                 position += n
             if not pending:
                 return position == steps
-            on_chunk(self.get(pending.popleft()))
-            stopping = stopping or should_stop()
+            blocks, refs = pending.popleft()
+            results = self.get(refs)
+            for block in (zip(*results, strict=True) if blocks else [results]):
+                on_chunk(list(block))
+                stopping = stopping or should_stop()
+            if blocks_ok and not blocks and results[0]["step_ms"].size:
+                # the chunk's time sets how many chunks one call runs from now on
+                chunk_s = max(float(np.sum(r["step_ms"])) for r in results) / 1000 * chunk / results[0]["step_ms"].size
+                self.blocks = int(min(MAX_BLOCKS, max(1, TASK_S // max(chunk_s, 1e-6))))
 
     def evaluate(self, split: str, y: np.ndarray) -> EvalResult:
         shards = self.shards(split=split)

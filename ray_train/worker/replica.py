@@ -216,6 +216,18 @@ class Replica:
             out["wait_ms"] = self.stream.take_wait_ms()
         return out
 
+    def train_blocks(self, n: int, block: int) -> list[dict]:
+        """The next ``n`` steps as consecutive ``train_steps(block)`` calls, in one call from the
+        driver (ReplicaGroup.train_epoch): one result per block, as if each had been its own call."""
+        out = []
+        while n > 0:
+            out.append(self.train_steps(min(block, n)))
+            done = len(out[-1]["step_ms"])
+            if done < min(block, n):  # the epoch ended early
+                break
+            n -= done
+        return out
+
     def step(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """One synchronous step on training examples ``idx``: loss and correct count (regression:
         summed absolute error)."""
