@@ -6,6 +6,7 @@ import io
 import json
 import os
 import signal
+import time
 
 from ray_train import strategies
 from ray_train.api import fit
@@ -67,6 +68,10 @@ def test_a_killed_stage_restarts_its_replica_which_fetches_its_slices_again(ray_
             ray_cluster.wait(progress["rejoining"], num_returns=len(progress["rejoining"]))
         elif seen["killed"] is not None and pids and seen["killed"] not in pids:
             seen["after"].add(tuple(pids))  # the restarted replica's fresh stages completed chunks
+        elif seen["killed"] is not None and not seen["after"]:
+            # back, but its first chunk not in yet: slow replica 0's chunks down (the driver issues
+            # none while this hook runs) so that the restarted replica's chunk lands before the end
+            time.sleep(0.2)
 
     monkeypatch.setattr(HookedEngine, "hooks", staticmethod(kill_stage_1_of_replica_1))
     monkeypatch.setattr(strategies.get("async"), "engine", f"{__name__}:HookedEngine")
