@@ -380,6 +380,19 @@ def retried(method):
     return method.options(max_task_retries=-1)
 
 
+def first_ready(urgent, rest):
+    """One ready ref, from ``urgent`` when any of them is ready (a restarted replica's setup call
+    before chunk results): ray.wait's ready list follows no order, so behind short chunks that are
+    always ready, a replica's rejoin could wait for the end of the run."""
+    import ray
+
+    if urgent:
+        ready, _ = ray.wait(list(urgent), num_returns=1, timeout=0)
+        if ready:
+            return ready[0]
+    return ray.wait([*urgent, *rest], num_returns=1)[0][0]
+
+
 def factory_failure(exc: BaseException):
     """The ModelFactoryError (ray_train.worker.replica.build_network) that killed an actor in its
     constructor, rebuilt from the death Ray reports (which carries the error as text only), or None."""

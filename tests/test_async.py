@@ -16,7 +16,7 @@ import torch
 from ray_train import strategies
 from ray_train.api import fit
 from ray_train.cli import main
-from ray_train.cluster import ReplicaContext
+from ray_train.cluster import ReplicaContext, first_ready
 from ray_train.config import build_config
 from ray_train.data.loaders import load_dataset
 from ray_train.network import model_factory
@@ -133,6 +133,18 @@ def test_tensorboard_holds_the_ps_tags(runs):
         assert len(acc.Scalars(tag)) >= (EPOCHS if not tag.startswith("train/") else EPOCHS * (3500 // 64) // 10), tag
     assert len(acc.Histograms("ps/staleness")) == EPOCHS
     assert all(e.value > 0 for e in acc.Scalars("ps/updates_per_s"))
+
+
+def test_a_ready_rejoin_is_taken_before_ready_chunks(ray_cluster):
+    # ray.wait's ready list follows no order: behind chunks that were always ready, a restarted
+    # replica's setup call once waited for the end of the run (a clean-clone CI failure)
+    chunks = [ray_cluster.put(i) for i in range(32)]
+    rejoin = ray_cluster.put("setup")
+    ray_cluster.get([*chunks, rejoin])
+    assert all(first_ready({rejoin: 1}, chunks) == rejoin for _ in range(20))
+    pending = ray_cluster.remote(lambda: __import__("time").sleep(30)).remote()  # a restart under way
+    assert first_ready({pending: 1}, chunks) in chunks
+    ray_cluster.cancel(pending, force=True)
 
 
 def test_a_killed_replica_is_restarted_and_the_run_completes(runs, monkeypatch):

@@ -16,7 +16,7 @@ import numpy as np
 import ray
 import torch
 
-from ray_train.cluster import ReplicaContext, actor_class, check_resources, reserve, retried
+from ray_train.cluster import ReplicaContext, actor_class, check_resources, first_ready, reserve, retried
 from ray_train.config import TrainConfig
 from ray_train.engine import Chunk, Engine
 from ray_train.errors import ConfigError, StorageError
@@ -230,16 +230,15 @@ class DownpourEngine(DriverModel, Engine):
             stopping = stopping or should_stop()
             if not stopping:
                 self._fill()
-            refs = [*self.inflight] if stopping else [*self.inflight, *self.rejoining]
-            if not refs:
+            if not self.inflight and (stopping or not self.rejoining):
                 if stopping:
                     return False
                 raise RuntimeError("async SGD: every replica is dead and none could be restarted")
-            ready, _ = ray.wait(refs, num_returns=1)
-            if ready[0] in self.rejoining:
-                self._rejoin(ready[0])
+            ref = first_ready({} if stopping else self.rejoining, self.inflight)
+            if ref in self.rejoining:
+                self._rejoin(ref)
             else:
-                self._chunk_done(ready[0], on_chunk)
+                self._chunk_done(ref, on_chunk)
             if self.warm and self.done >= self.warm_steps:
                 self.warm = False
                 self.active |= set(range(self.ctx.cfg.resources.replicas)) - set(self.rejoining.values()) - self.lost

@@ -24,7 +24,7 @@ import numpy as np
 import ray
 import torch
 
-from ray_train.cluster import ReplicaContext, actor_class, reserve, retried
+from ray_train.cluster import ReplicaContext, actor_class, first_ready, reserve, retried
 from ray_train.engine import Chunk, Engine, StateMismatch
 from ray_train.errors import ConfigError, ReplicaFailure
 from ray_train.run.failure import Decision
@@ -194,8 +194,7 @@ class SandblasterEngine(DriverModel, Engine):
                 self._fill(todo, results, version, box)
             if not self.inflight and not self.rejoining:
                 raise ReplicaFailure("Sandblaster: every replica is dead and none could be restarted")
-            ready, _ = ray.wait([*self.inflight, *self.rejoining], num_returns=1)
-            ref = ready[0]
+            ref = first_ready(self.rejoining, self.inflight)
             if ref in self.rejoining:
                 self._rejoin(ref)
                 if not queue:  # a static share of a dead replica waits for a live one
