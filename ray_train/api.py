@@ -61,7 +61,7 @@ def fit(config: TrainConfig | Mapping | str | None = None, model=None, data=None
         strategies.get(cfg.run.strategy).check_resources(cfg, total=local)
     cfg, custom = _with_model(cfg, model)
     cfg = _with_loss(cfg, loss)
-    cfg, dataset = _with_data(cfg, data)
+    cfg, dataset = _with_data(cfg, data, address, verbose)
     if custom is not None or ":" in cfg.model.name:  # a user's factory may return a list of stage modules
         stages = cfg.pipeline.stages
         cfg, staged = with_stages(cfg, model_factory(cfg, dataset, custom))
@@ -145,7 +145,15 @@ def check_targets(cfg: TrainConfig, data: Dataset) -> None:
                           "(regression): stop on the validation loss with --target-loss")
 
 
-def _with_data(cfg: TrainConfig, data) -> tuple[TrainConfig, Dataset]:
+def _with_data(cfg: TrainConfig, data, address: str | None = None, verbose: bool = False) -> tuple[TrainConfig, Dataset]:
+    """The config and its data. A streamed source (images:, parquet:, ray.data Datasets) is opened
+    through Ray Data, which needs Ray: the cluster ``address`` names starts or is joined first (with
+    none, Ray Data would start one with Ray's defaults or join the one `ray start` left)."""
+    source = data if isinstance(data, str) else cfg.data.dataset
+    if isinstance(data, Streams) or (data is None or isinstance(data, str)) and source.split(":")[0] in ("images", "parquet"):
+        from ray_train.cluster import init_ray
+
+        init_ray(address=address, verbose=verbose)
     if isinstance(data, str):
         cfg = _replace(cfg, "data", dataset=data)
     elif isinstance(data, (Dataset, Streams)):
@@ -336,7 +344,7 @@ def overfit_check(config=None, model=None, data=None, *, progress: bool | None =
     out = out or sys.stdout
     cfg = as_config(config)
     cfg, custom = _with_model(cfg, model)
-    cfg, full = _with_data(cfg, data)
+    cfg, full = _with_data(cfg, data, address, verbose)
     share = min(1.0, OVERFIT_EXAMPLES / len(full.y_train))
     idx = stratified_split(full.y_train, share, 0)[0] if share < 1 else np.arange(len(full.y_train))
     x, y = full.x_train[idx], full.y_train[idx]

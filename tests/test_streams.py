@@ -347,3 +347,24 @@ def test_standardize_on_a_stream_reads_the_training_split_once(ray_cluster, fold
     assert np.allclose(data.standardize["mean"], x.mean(0), atol=1e-5)
     std = x.std(0)
     assert np.allclose(data.standardize["std"], np.where(std < 1e-6, 1, std), atol=1e-4)
+
+
+def test_a_streamed_source_starts_the_cluster_the_run_names_before_ray_data_opens_it(ray_cluster, folder, monkeypatch):
+    # Ray Data opening the folder first once started Ray's default cluster (or joined the one `ray
+    # start` left): --address was ignored and the run's first line said "ray.init was called before"
+    from ray_train import api, cluster
+    from ray_train.config import build_config
+
+    calls = []
+    monkeypatch.setattr(cluster, "init_ray", lambda **kw: calls.append(kw))
+    monkeypatch.setattr(api, "load_dataset", lambda *a, **kw: calls.append("load") or "data")
+    cfg = build_config(overrides={"data": {"dataset": f"images:{folder[0]}"}})
+    assert api._with_data(cfg, None, "auto", True)[1] == "data"
+    assert calls == [{"address": "auto", "verbose": True}, "load"]
+    calls.clear()
+    api._with_data(build_config(), None)  # arrays: no Ray before the run's own start
+    assert calls == ["load"]
+    monkeypatch.undo()
+    # the cluster this process started: a later init_ray says what the first one did, not "before"
+    line = cluster.init_ray()
+    assert line.startswith("cluster: started a local Ray cluster of its own"), line
