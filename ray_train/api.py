@@ -249,6 +249,8 @@ def _train(cfg: TrainConfig, strategy, data: Dataset, factory, custom, tensorboa
     print(f"run {name}: {cfg.run.strategy} {cfg.model.name} on {data.name} "
           f"({len(data.y_train)} train / " + (f"{len(data.y_val)} validation / " if data.has_validation else "")
           + f"{len(data.y_test)} test), logs in {run_dir}", file=out, flush=True)
+    if streamed:
+        data = data.cached(out)
     data_ref = data if streamed else ray.put(data)  # a stream is its lazy plans: the replicas read it
     try:
         with StopSignals() as stop:  # after ray.init: Ray installs its own SIGTERM handler there

@@ -72,6 +72,10 @@ class DataConfig:
     """parquet: a column whose values train, test and val (or validation) pick each row's split."""
     shuffle_buffer: int = 1000
     """Rows in each replica's seeded local shuffle buffer over its streamed shard (0: none)."""
+    stream_cache: float = 0.25
+    """Streamed datasets: the splits whose rows take at most this share of the cluster's object
+    store are read into it once before training (Ray Data's materialize) and every epoch reads them
+    from there; the rest is read from the files every epoch. 0: always from the files."""
 
     def __post_init__(self) -> None:
         named = isinstance(self.dataset, str) and (self.dataset in DATASETS or self.dataset == "custom" or (
@@ -82,6 +86,9 @@ class DataConfig:
                               "idx:DIR, npz:FILE, images:DIR, parquet:PATH")
         _integer("data", "shuffle_buffer", self.shuffle_buffer)
         _positive("data", "shuffle_buffer", self.shuffle_buffer, zero_ok=True)
+        _positive("data", "stream_cache", self.stream_cache, zero_ok=True)
+        if self.stream_cache > 1:
+            raise ConfigError(f"data.stream_cache: a share of the object store in [0, 1], got {self.stream_cache!r}")
         if self.image_size is not None:
             parts = str(self.image_size).split(",")
             if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):

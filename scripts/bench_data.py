@@ -25,7 +25,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-EPOCHS, BATCH, MODEL = 2, 64, "net_d"
+EPOCHS, BATCH, MODEL = 12, 64, "net_d"  # the default job (configs/default.yaml)
 
 
 def _mnist5k():

@@ -85,6 +85,29 @@ def sync_run(ray_cluster, folder, tmp_path_factory):
     return storage, summary
 
 
+@pytest.fixture(scope="module")
+def file_run(ray_cluster, folder, tmp_path_factory):
+    """The same run reading the files every epoch (--stream-cache 0: the path of data larger than
+    the object store's share), each epoch's shards cut by one streaming_split."""
+    storage = tmp_path_factory.mktemp("file-runs")
+    return storage, _fit_cli(storage, "straight", "--dataset", f"images:{folder[0]}", "--epochs", "2",
+                             "--stream-cache", "0")
+
+
+@pytest.fixture(params=["stored", "files"])
+def either_run(request):
+    """(storage, summary, extra flags) of the sync run with its data read into the object store
+    once (the default for small data) and of the one reading the files every epoch."""
+    stored = request.param == "stored"
+    storage, summary = request.getfixturevalue("sync_run" if stored else "file_run")
+    return storage, summary, [] if stored else ["--stream-cache", "0"]
+
+
+def test_reading_the_files_every_epoch_trains_as_well(file_run, sync_run):
+    assert file_run[1]["test_accuracy"] >= 0.8, file_run[1]["test_accuracy"]
+    assert file_run[1]["steps"] == sync_run[1]["steps"]
+
+
 def test_image_folder_trains_with_sync_and_keeps_the_classes(sync_run):
     storage, summary = sync_run
     assert summary["test_accuracy"] >= 0.8, summary["test_accuracy"]
@@ -106,8 +129,9 @@ def test_image_folder_trains_with_the_other_streaming_strategies(ray_cluster, fo
     summary = _fit_cli(tmp_path, strategy, "--dataset", f"images:{folder[0]}", "--epochs", "2", "--strategy", strategy,
                        *extra)
     assert summary["test_accuracy"] >= 0.6, (strategy, summary["test_accuracy"])
-    assert "streamed data: each replica takes 0.5 CPU instead of 1, leaving 1 of the cluster's 2 CPUs" in \
-        capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "streamed data: each replica takes 0.5 CPU instead of 1, leaving 1 of the cluster's 2 CPUs" in out
+    assert "streamed data: train, test read into the object store once" in out  # small: stored
 
 
 def test_replicas_leave_a_cpu_to_ray_data():
@@ -139,24 +163,24 @@ def test_streamed_run_is_as_accurate_as_the_in_memory_run(sync_run, folder, tmp_
     assert sync_run[1]["test_accuracy"] >= in_memory["test_accuracy"] - 0.01
 
 
-def test_resume_at_an_epoch_boundary_equals_the_uninterrupted_run(sync_run, folder):
-    storage, _ = sync_run
-    _fit_cli(storage, "resumed", "--dataset", f"images:{folder[0]}", "--epochs", "1")
+def test_resume_at_an_epoch_boundary_equals_the_uninterrupted_run(either_run, folder):
+    storage, _, extra = either_run
+    _fit_cli(storage, "resumed", "--dataset", f"images:{folder[0]}", "--epochs", "1", *extra)
     assert main(["--resume", str(storage / "resumed"), "--epochs", "2", "--no-progress", "--no-tensorboard"]) == 0
     a, b = (torch.load(storage / name / "model-last.pt", map_location="cpu", weights_only=True)["model"]
             for name in ("straight", "resumed"))
     assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
 
 
-def test_resume_mid_epoch_skips_the_batches_consumed_and_equals_the_uninterrupted_run(sync_run, folder):
+def test_resume_mid_epoch_skips_the_batches_consumed_and_equals_the_uninterrupted_run(either_run, folder):
     """A run stopped 4 steps into its first epoch of 6 (time limit after the first chunk of 2
     steps; the second was queued already) checkpoints there; resumed, each replica reads the
     epoch's shard again and drops the 4 batches it had trained on."""
     from ray_train.run.checkpoint import CheckpointStore
 
-    storage, _ = sync_run
+    storage, _, extra = either_run
     _fit_cli(storage, "mid", "--dataset", f"images:{folder[0]}", "--epochs", "2", "--log-every", "2",
-             "--time-limit", "0.001")
+             "--time-limit", "0.001", *extra)
     state = CheckpointStore(str(storage / "mid")).load_latest()[0]
     assert (state["epoch"], state["in_epoch"]) == (0, 4)
     assert main(["--resume", str(storage / "mid"), "--time-limit", "100000", "--no-progress", "--no-tensorboard"]) == 0
@@ -368,3 +392,24 @@ def test_a_streamed_source_starts_the_cluster_the_run_names_before_ray_data_open
     # the cluster this process started: a later init_ray says what the first one did, not "before"
     line = cluster.init_ray()
     assert line.startswith("cluster: started a local Ray cluster of its own"), line
+
+
+def test_only_a_stream_that_fits_its_share_of_the_object_store_is_stored(ray_cluster, folder):
+    import io
+
+    from ray_train.config import DataConfig
+    from ray_train.data.formats import load_stream
+    from ray_train.errors import ConfigError
+
+    tiny = load_stream(DataConfig(dataset=f"images:{folder[0]}", stream_cache=1e-12))
+    assert tiny.cached(io.StringIO()) is tiny and not tiny.stored  # 120 images > a 1e-12 share: from the files
+    out = io.StringIO()
+    stored = load_stream(DataConfig(dataset=f"images:{folder[0]}")).cached(out)
+    assert stored.stored and "train, test read into the object store once" in out.getvalue()
+    assert stored.splits["train"].num_blocks() >= 32  # every replica a different share each epoch
+    shards = stored.train_shards(0, 0, 2, None)
+    assert [s.count() for s in shards] == [48, 48]
+    paths = [sorted(r["path"] for r in stored.train_shards(0, e, 2, None)[0].take_all()) for e in (0, 1)]
+    assert len(paths[0]) == 48 and paths[0] != paths[1]  # each epoch deals the replicas other rows
+    with pytest.raises(ConfigError, match="data.stream_cache"):
+        DataConfig(stream_cache=1.5)

@@ -97,6 +97,8 @@ COMMON_FLAGS: list[Flag] = [
     ("--split-column", "data", "split_column", str, "parquet column whose values train, test, val pick each row's split"),
     ("--shuffle-buffer", "data", "shuffle_buffer", int, "rows in each replica's seeded shuffle buffer over its "
      "streamed shard (default 1000; 0: none)"),
+    ("--stream-cache", "data", "stream_cache", float, "streamed splits that fit this share of the object store are "
+     "read into it once and every epoch reads them from there (default 0.25; 0: from the files every epoch)"),
     # checkpoints, resume, failures, stop conditions (every strategy)
     ("--resume", "run", "resume", str, "continue the run in this folder (runs/<name>) from its last checkpoint"),
     ("--checkpoint-every", "run", "checkpoint_every", int, "epochs between checkpoints (default 1)"),

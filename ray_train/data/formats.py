@@ -42,7 +42,7 @@ def load_stream(cfg, streams: Streams | None = None) -> StreamData:
     if cfg.expand and len(data.input_shape) != 3:
         raise DataError(f"data.expand: the 1-pixel shifts need images [C, H, W]; {data.name}'s inputs are "
                         f"{list(data.input_shape)}")
-    data = dataclasses.replace(data, expand=cfg.expand, shuffle_buffer=cfg.shuffle_buffer)
+    data = dataclasses.replace(data, expand=cfg.expand, shuffle_buffer=cfg.shuffle_buffer, cache_share=cfg.stream_cache)
     if cfg.standardize:  # one pass over the training split, streamed through the driver
         data = standardized(data)
     return data
