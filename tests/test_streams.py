@@ -119,7 +119,9 @@ def test_image_folder_trains_with_sync_and_keeps_the_classes(sync_run):
 
 
 @pytest.mark.parametrize("strategy, extra", [
-    ("local", []), ("async", []),
+    # local: 2 epochs are 12 steps, one average at step 8: seed 3 ended at chance (0.33) or 0.63 by
+    # the block order; 4 epochs reached 1.0 with seeds 3, 4 and 5
+    ("local", ["--epochs", "4"]), ("async", []),
     ("hogwild", ["--lr", "0.05", "--epochs", "3"]),  # lock-free races: at 0.1 x 2 epochs it ended at chance once
     ("sandblaster", ["--lbfgs-iterations", "5", "--work-units", "4", "--lr", "1"]),  # L-BFGS's own rate
 ])
@@ -406,7 +408,7 @@ def test_only_a_stream_that_fits_its_share_of_the_object_store_is_stored(ray_clu
     out = io.StringIO()
     stored = load_stream(DataConfig(dataset=f"images:{folder[0]}")).cached(out)
     assert stored.stored and "train, test read into the object store once" in out.getvalue()
-    assert stored.splits["train"].num_blocks() >= 32  # every replica a different share each epoch
+    assert stored.splits["train"].num_blocks() >= 16  # every replica a different share each epoch
     shards = stored.train_shards(0, 0, 2, None)
     assert [s.count() for s in shards] == [48, 48]
     paths = [sorted(r["path"] for r in stored.train_shards(0, e, 2, None)[0].take_all()) for e in (0, 1)]
