@@ -61,7 +61,8 @@ def fit(config: TrainConfig | Mapping | str | None = None, model=None, data=None
         strategies.get(cfg.run.strategy).check_resources(cfg, total=local)
     cfg, custom = _with_model(cfg, model)
     cfg = _with_loss(cfg, loss)
-    cfg, dataset = _with_data(cfg, data, address, verbose)
+    cluster = _cluster_for_streams(cfg, data, address, verbose)
+    cfg, dataset = _with_data(cfg, data)
     if custom is not None or ":" in cfg.model.name:  # a user's factory may return a list of stage modules
         stages = cfg.pipeline.stages
         cfg, staged = with_stages(cfg, model_factory(cfg, dataset, custom))
@@ -84,7 +85,7 @@ def fit(config: TrainConfig | Mapping | str | None = None, model=None, data=None
         check_model(model_factory(checked, dataset, custom), dataset, checked)
     factory = model_factory(cfg, dataset, custom)
     return _run(cfg, dataset, factory, custom, tensorboard, progress, out or sys.stdout, on_epoch, address, verbose,
-                headers)
+                headers, cluster)
 
 
 def as_config(config) -> TrainConfig:
@@ -145,15 +146,20 @@ def check_targets(cfg: TrainConfig, data: Dataset) -> None:
                           "(regression): stop on the validation loss with --target-loss")
 
 
-def _with_data(cfg: TrainConfig, data, address: str | None = None, verbose: bool = False) -> tuple[TrainConfig, Dataset]:
-    """The config and its data. A streamed source (images:, parquet:, ray.data Datasets) is opened
-    through Ray Data, which needs Ray: the cluster ``address`` names starts or is joined first (with
-    none, Ray Data would start one with Ray's defaults or join the one `ray start` left)."""
+def _cluster_for_streams(cfg: TrainConfig, data, address: str | None, verbose: bool) -> str | None:
+    """A streamed source (images:, parquet:, ray.data Datasets) is opened through Ray Data, which
+    needs Ray: the cluster ``address`` names is started or joined first (else Ray Data would start
+    one with Ray's defaults, or join the one `ray start` left). Returns the line saying which
+    cluster, or None for arrays (their run starts Ray later, importing meanwhile)."""
     source = data if isinstance(data, str) else cfg.data.dataset
     if isinstance(data, Streams) or (data is None or isinstance(data, str)) and source.split(":")[0] in ("images", "parquet"):
         from ray_train.cluster import init_ray
 
-        init_ray(address=address, verbose=verbose)
+        return init_ray(address=address, verbose=verbose)
+    return None
+
+
+def _with_data(cfg: TrainConfig, data) -> tuple[TrainConfig, Dataset]:
     if isinstance(data, str):
         cfg = _replace(cfg, "data", dataset=data)
     elif isinstance(data, (Dataset, Streams)):
@@ -182,24 +188,27 @@ def _with_lambda(cfg: TrainConfig, data: Dataset) -> TrainConfig:
 
 
 def _run(cfg: TrainConfig, data: Dataset, factory, custom, tensorboard: bool, progress, out, on_epoch=None,
-         address: str | None = None, verbose: bool = False, headers: bool = True) -> dict:
+         address: str | None = None, verbose: bool = False, headers: bool = True, cluster: str | None = None) -> dict:
     from ray_train import raylog
 
     previous = raylog.LOG.path  # compare's own ray.log, between its regimes
     try:
-        return _run_logged(cfg, data, factory, custom, tensorboard, progress, out, on_epoch, address, verbose, headers)
+        return _run_logged(cfg, data, factory, custom, tensorboard, progress, out, on_epoch, address, verbose, headers,
+                           cluster)
     finally:
         raylog.LOG.to_file(previous)
 
 
 def _run_logged(cfg: TrainConfig, data: Dataset, factory, custom, tensorboard: bool, progress, out, on_epoch,
-                address: str | None, verbose: bool, headers: bool) -> dict:
+                address: str | None, verbose: bool, headers: bool, cluster: str | None = None) -> dict:
     from ray_train.cluster import init_ray
 
     t_start = time.perf_counter()
     strategy = strategies.get(cfg.run.strategy)
-    # torch and the strategy's modules load while Ray starts its processes
-    cluster = init_ray(preload=("ray_train.run.loop",) + strategy.modules(), address=address, verbose=verbose)
+    # torch and the strategy's modules load while Ray starts its processes; a stream's cluster was
+    # started before Ray Data opened the data, and ``cluster`` is what was said then
+    said = init_ray(preload=("ray_train.run.loop",) + strategy.modules(), address=address, verbose=verbose)
+    cluster = cluster or said
     if headers:
         print(cluster, file=out, flush=True)
     strategy.check_resources(cfg)
@@ -346,7 +355,8 @@ def overfit_check(config=None, model=None, data=None, *, progress: bool | None =
     out = out or sys.stdout
     cfg = as_config(config)
     cfg, custom = _with_model(cfg, model)
-    cfg, full = _with_data(cfg, data, address, verbose)
+    _cluster_for_streams(cfg, data, address, verbose)
+    cfg, full = _with_data(cfg, data)
     share = min(1.0, OVERFIT_EXAMPLES / len(full.y_train))
     idx = stratified_split(full.y_train, share, 0)[0] if share < 1 else np.arange(len(full.y_train))
     x, y = full.x_train[idx], full.y_train[idx]

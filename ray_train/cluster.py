@@ -67,10 +67,6 @@ def init_ray(num_cpus: int | None = None, preload: tuple[str, ...] = (), address
 
     if ray.is_initialized():
         raylog.capture_loggers(verbose)
-        ours = _STARTED.get(ray.get_runtime_context().gcs_address)
-        if ours is not None:  # started or joined by an earlier call (a streamed dataset opens Ray Data first)
-            raylog.capture_forwarded()
-            return ours
         raylog.capture_forwarded(owned=False)
         return f"cluster: the Ray cluster this process is on already, {_size()} (ray.init was called before this run)"
     target, why = resolve_address(address)
@@ -85,11 +81,7 @@ def init_ray(num_cpus: int | None = None, preload: tuple[str, ...] = (), address
     else:
         line = f"cluster: joined the Ray cluster at {ray.get_runtime_context().gcs_address}, {_size()} ({why})"
     raylog.note(line)
-    _STARTED[ray.get_runtime_context().gcs_address] = line
     return line
-
-
-_STARTED: dict[str, str] = {}  # GCS address -> what init_ray said when it started or joined that cluster
 
 
 ADDRESS_HELP = ("the Ray cluster to run on: local (a cluster of its own, started for this run), auto (the cluster "

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from tests.conftest import one_line_error
+from tests.conftest import one_line_error, vanish
 
 ray = pytest.importorskip("ray")
 
@@ -88,8 +88,11 @@ def test_sync_shrinks_on_a_node_loss_and_grows_back_when_a_node_is_added(cluster
         if not events and record["epoch"] == 2:  # a node lost, not replaced
             victim = next(iter(c.worker_nodes))
             events.append(("removed", record["epoch"], victim.node_id))
-            c.remove_node(victim, allow_graceful=False)
-        elif len(events) == 1:  # the next epoch end ran on what was left: now a node joins
+            vanish(c, victim)
+        elif len(events) == 1 and record["replicas"] == 1:
+            # the run noticed the loss and goes on with one replica: now a node joins (a node added
+            # before the loss was noticed, when an epoch ended before the kill landed, let the
+            # restart take two replicas at once: a clean-clone CI failure)
             node = c.add_node(num_cpus=1)
             c.wait_for_nodes()
             _free_cpus_at_least(1.0)

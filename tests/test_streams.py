@@ -382,18 +382,19 @@ def test_a_streamed_source_starts_the_cluster_the_run_names_before_ray_data_open
     from ray_train.config import build_config
 
     calls = []
-    monkeypatch.setattr(cluster, "init_ray", lambda **kw: calls.append(kw))
-    monkeypatch.setattr(api, "load_dataset", lambda *a, **kw: calls.append("load") or "data")
+    monkeypatch.setattr(cluster, "init_ray", lambda **kw: calls.append(kw) or "cluster: the line")
     cfg = build_config(overrides={"data": {"dataset": f"images:{folder[0]}"}})
-    assert api._with_data(cfg, None, "auto", True)[1] == "data"
-    assert calls == [{"address": "auto", "verbose": True}, "load"]
-    calls.clear()
-    api._with_data(build_config(), None)  # arrays: no Ray before the run's own start
-    assert calls == ["load"]
-    monkeypatch.undo()
-    # the cluster this process started: a later init_ray says what the first one did, not "before"
-    line = cluster.init_ray()
-    assert line.startswith("cluster: started a local Ray cluster of its own"), line
+    assert api._cluster_for_streams(cfg, None, "auto", True) == "cluster: the line"
+    assert calls == [{"address": "auto", "verbose": True}]
+    assert api._cluster_for_streams(build_config(), None, "auto", True) is None  # arrays: Ray starts with the run
+    assert len(calls) == 1
+    # fit: the cluster before the data, and the run's first line is what was said then
+    order = []
+    monkeypatch.setattr(api, "_cluster_for_streams", lambda *a: order.append("cluster") or "cluster: started here")
+    monkeypatch.setattr(api, "_with_data", lambda cfg, data: order.append("data") or (_ for _ in ()).throw(SystemExit))
+    with pytest.raises(SystemExit):
+        api.fit(cfg)
+    assert order == ["cluster", "data"]
 
 
 def test_only_a_stream_that_fits_its_share_of_the_object_store_is_stored(ray_cluster, folder):

@@ -214,7 +214,8 @@ class RunLoop:
                   "epoch_s": w["elapsed"], "test_loss": None, "test_accuracy": None, "test_errors": None,
                   "val_loss": None, "val_accuracy": None,
                   # running totals, for plots against time, samples and bytes (python -m ray_train compare)
-                  "train_s": p.train_s, "samples": p.samples, "comm_bytes": p.comm_bytes}
+                  "train_s": p.train_s, "samples": p.samples, "comm_bytes": p.comm_bytes,
+                  "replicas": self.replicas}  # this epoch's replica count (elastic runs: it moves)
         if self.regression:  # mean absolute errors where classes have accuracies
             record.update(train_mae=w["correct"] / samples, test_mae=None, val_mae=None)
         if evaluation is not None:
