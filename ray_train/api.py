@@ -29,7 +29,7 @@ import numpy as np
 from ray_train import strategies
 from ray_train.config import TrainConfig, build_config, load_yaml
 from ray_train.data.dataset import Dataset
-from ray_train.data.loaders import load_dataset
+from ray_train.data.loaders import load_dataset, streamed_source
 from ray_train.data.streams import Streams
 from ray_train.errors import ConfigError
 from ray_train.network import CUSTOM, check_model, model_factory, with_stages
@@ -151,8 +151,9 @@ def _cluster_for_streams(cfg: TrainConfig, data, address: str | None, verbose: b
     needs Ray: the cluster ``address`` names is started or joined first (else Ray Data would start
     one with Ray's defaults, or join the one `ray start` left). Returns the line saying which
     cluster, or None for arrays (their run starts Ray later, importing meanwhile)."""
-    source = data if isinstance(data, str) else cfg.data.dataset
-    if isinstance(data, Streams) or (data is None or isinstance(data, str)) and source.split(":")[0] in ("images", "parquet"):
+    if data is not None and not isinstance(data, (str, Dataset, Streams)):
+        return None  # _with_data refuses it
+    if streamed_source(data if isinstance(data, str) else cfg.data.dataset, None if isinstance(data, str) else data):
         from ray_train.cluster import init_ray
 
         return init_ray(address=address, verbose=verbose)

@@ -45,33 +45,16 @@ def one_line_error(capsys, argv) -> str:
     return err[0]
 
 
-def _descendants(pid: int) -> list[int]:
-    """Every process below ``pid``, from /proc (no psutil here)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as fh:
-                    ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue  # gone meanwhile
-            children.setdefault(ppid, []).append(int(entry))
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
-
-
 def vanish(cluster, node) -> None:
     """Remove a fake node as a machine vanishes: its Ray daemons and every process its raylet
     started (the replicas on it) die at once. ``remove_node`` alone kills the daemons; the workers
     noticed seconds later, and epochs went on ending on them meanwhile (tests raced that)."""
     import signal
 
+    from scripts.profile_cli import descendants
+
     raylet = node.all_processes["raylet"][0].process.pid
-    workers = _descendants(raylet)
+    workers = descendants(raylet)[1:]  # [0] is the raylet itself
     cluster.remove_node(node, allow_graceful=False)
     for pid in workers:
         try:

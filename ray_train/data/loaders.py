@@ -52,11 +52,19 @@ IDX_IMAGES, IDX_LABELS = 0x00000803, 0x00000801
 DOWNLOAD_TIMEOUT_S = 30
 
 
+def streamed_source(dataset: str, arrays=None) -> bool:
+    """Whether the dataset ``dataset`` names (or the user's ``arrays``: a Dataset or ray.data
+    Streams) is streamed by Ray Data: images:DIR, parquet:PATH and ray.data datasets."""
+    if arrays is not None:
+        return not isinstance(arrays, Dataset)
+    return dataset.split(":")[0] in ("images", "parquet")
+
+
 def load_dataset(cfg: DataConfig, seed: int = 0, arrays: Dataset | None = None) -> Dataset:
     """Load the dataset ``cfg`` names (or take ``arrays``, a user's Dataset), expanded when asked;
     ``seed`` only affects synthetic data, never a split. images:DIR, parquet:PATH and a user's
     ray.data Datasets (streams.Streams) are streamed: a StreamData (data/formats.py)."""
-    if cfg.dataset.split(":")[0] in ("images", "parquet") or (arrays is not None and not isinstance(arrays, Dataset)):
+    if streamed_source(cfg.dataset, arrays):
         from ray_train.data.formats import load_stream
 
         return load_stream(cfg, arrays)

@@ -170,6 +170,7 @@ class StreamData:
             return self.splits[split].split(n, equal=False, locality_hints=_hints(hints, n))
         return self.splits[split].streaming_split(n, equal=False, locality_hints=_hints(hints, n))
 
+
 STORED_BLOCKS, STORED_BLOCK_ROWS = 16, 256  # blocks of a stream read into the object store: at least, rows at most
 ROW_OVERHEAD = 64  # bytes a stored row takes besides its inputs (label, path, Arrow offsets): an estimate
 DATA_CPUS = 1.0  # what a streamed run leaves free for Ray Data's reading and decoding tasks

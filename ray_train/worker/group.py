@@ -55,6 +55,7 @@ class ReplicaGroup:
         self.stream, self.seed, self.eval_shards = stream, seed, {}
         self.train_split = None  # (the epoch its next iteration gives, the replicas' DataIterators)
         self.cutter = None  # a stored stream's next epoch is cut in this thread (shards)
+        self.next_cut = None  # (that epoch, the future of its shards)
 
     @classmethod
     def create(cls, cfg: TrainConfig, data_ref, model, replica_cls=Replica) -> "ReplicaGroup":
@@ -89,11 +90,11 @@ class ReplicaGroup:
             if self.stream.stored:  # cut afresh each epoch from the stored blocks, the next while this one trains
                 from concurrent.futures import ThreadPoolExecutor
 
-                ahead, n = self.train_split, len(self.actors)
+                ahead, n = self.next_cut, len(self.actors)
                 shards = (ahead[1].result() if ahead and ahead[0] == epoch
                           else self.stream.train_shards(self.seed, epoch, n, hints))
                 self.cutter = self.cutter or ThreadPoolExecutor(1, thread_name_prefix="ray_train-shards")
-                self.train_split = (epoch + 1, self.cutter.submit(self.stream.train_shards, self.seed, epoch + 1, n, hints))
+                self.next_cut = (epoch + 1, self.cutter.submit(self.stream.train_shards, self.seed, epoch + 1, n, hints))
                 return shards
             if self.train_split is None or self.train_split[0] != epoch:  # the first epoch, or not the next
                 self.train_split = (epoch, self.stream.train_shards(self.seed, epoch, len(self.actors), hints))
