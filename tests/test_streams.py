@@ -412,7 +412,7 @@ def test_only_a_stream_that_fits_its_share_of_the_object_store_is_stored(ray_clu
     assert stored.splits["train"].num_blocks() >= 16  # every replica a different share each epoch
     shards = stored.train_shards(0, 0, 2, None)
     assert [s.count() for s in shards] == [48, 48]
-    paths = [sorted(r["path"] for r in stored.train_shards(0, e, 2, None)[0].take_all()) for e in (0, 1)]
+    paths = [sorted(stored.train_shards(0, e, 2, None)[0].columns()["path"]) for e in (0, 1)]
     assert len(paths[0]) == 48 and paths[0] != paths[1]  # each epoch deals the replicas other rows
     with pytest.raises(ConfigError, match="data.stream_cache"):
         DataConfig(stream_cache=1.5)

@@ -9,7 +9,9 @@ Every epoch the driver cuts the training split afresh: its blocks in a seeded ra
 its shard with a seeded local shuffle buffer and prefetching (ray_train/worker/stream.py). With
 ``preserve_order`` set, blocks reach the splitter in the same order every time, so the shards and
 batches of an epoch depend only on the seed and the epoch: a run is repeatable and a resumed run
-continues with the same shuffles.
+continues with the same shuffles. A stored stream (``cached``: small data read once into the
+object store) is cut with ``split`` instead, and each replica gets its piece as block references
+(``StoredShard``) that it takes whole and batches itself.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ray_train.errors import DataError
-from ray_train.worker.stream import epoch_seed, inputs_of
+from ray_train.worker.stream import StoredShard, epoch_seed, inputs_of
 
 # Ray Data reads this at import (driver) and in every worker the local cluster starts from this
 # environment: its INFO lines ("Starting execution of Dataset ...") are no output the user asked for.
@@ -155,7 +157,7 @@ class StreamData:
         quiet_context()
         if self.stored:  # this epoch's shards only, cut on the driver from the stored blocks (no reading)
             ordered = self.splits["train"].randomize_block_order(seed=epoch_seed(seed, epoch))
-            return ordered.split(n, equal=True, locality_hints=_hints(hints, n))
+            return [StoredShard(p) for p in ordered.split(n, equal=True, locality_hints=_hints(hints, n))]
         ds = self.splits["train"].randomize_block_order(
             seed=RandomSeedConfig(seed=epoch_seed(seed, 0), reseed_after_execution=True))
         ds.context._execution_idx = epoch  # private in Ray Data 2.60: what reseeds each execution
@@ -165,9 +167,9 @@ class StreamData:
         """``split`` cut among ``n`` replicas (every row once); the iterators can be read again."""
         quiet_context()
         if n == 1:
-            return [self.splits[split] if self.stored else self.splits[split].iterator()]
+            return [StoredShard(self.splits[split]) if self.stored else self.splits[split].iterator()]
         if self.stored:
-            return self.splits[split].split(n, equal=False, locality_hints=_hints(hints, n))
+            return [StoredShard(p) for p in self.splits[split].split(n, equal=False, locality_hints=_hints(hints, n))]
         return self.splits[split].streaming_split(n, equal=False, locality_hints=_hints(hints, n))
 
 

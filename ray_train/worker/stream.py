@@ -29,6 +29,55 @@ def epoch_seed(seed: int, epoch: int, rank: int = -1) -> int:
     return int(np.random.default_rng((seed, EPOCH_STREAM, epoch, rank + 1)).integers(0, 2**31 - 1))
 
 
+class StoredShard:
+    """One replica's share of a stored stream (``StreamData.cached``): the refs of its blocks in
+    the object store, in the epoch's order (``to_arrow_refs`` of one ``split`` piece: zero-copy, no
+    task), and its rows. The replica takes them whole (``ray.get``, local blocks are not copied) and
+    slices its batches from them: no Ray Data iterator to start each epoch (30-40 ms before the
+    first batch) and no per-batch iteration (0.6-1 ms a batch against 0.1 ms for indexing)."""
+
+    def __init__(self, piece) -> None:  # a MaterializedDataset
+        self.blocks, self.rows = piece.to_arrow_refs(), piece.count()
+
+    def count(self) -> int:
+        return self.rows
+
+    def columns(self) -> dict[str, np.ndarray]:
+        """Every column of the shard as one array, as Ray Data's numpy batches give it, except that a
+        column of equal-shaped arrays (Ray Data gives a fixed-size list as an object array of rows)
+        is stacked once here instead of in every batch."""
+        import ray
+        from ray.data.block import BlockAccessor
+
+        parts = [BlockAccessor.for_block(b).to_batch_format("numpy") for b in ray.get(self.blocks)]
+        if not parts:
+            return {}
+        out = {}
+        for name in parts[0]:
+            cols = [p[name] for p in parts]
+            try:
+                col = np.concatenate(cols)
+            except ValueError:  # rows of different shapes in different blocks
+                col = np.empty(sum(map(len, cols)), dtype=object)
+                col[:] = [row for c in cols for row in c]
+            if col.dtype == object and len(col) and isinstance(col[0], np.ndarray):
+                try:
+                    col = np.stack(list(col))
+                except ValueError:  # rows of different shapes: left for the transform or inputs_of
+                    pass
+            out[name] = col
+        return out
+
+    def batches(self, size: int, order: np.ndarray | None = None, drop_last: bool = True):
+        """The shard's rows as batch dicts of ``size`` rows, in ``order`` (a permutation) if given."""
+        cols = self.columns()
+        n = len(next(iter(cols.values()))) if cols else 0
+        end = n - n % size if drop_last else n
+        for i in range(0, end, size):
+            rows = order[i : i + size] if order is not None else slice(i, i + size)
+            yield {k: v[rows] for k, v in cols.items()}
+
+
 def inputs_of(data, batch: dict) -> np.ndarray:
     """The feature column as an array [N, *input_shape] (uint8 or float32)."""
     x = batch[data.feature]
@@ -88,10 +137,15 @@ class TrainStream:
     def __init__(self, data, shard, batch_size: int, seed: int, epoch: int, rank: int, device,
                  stride: tuple[int, int] | None = None) -> None:
         self.data, self.batch_size, self.device = data, batch_size, device
-        self.reading = batches = iter(shard.iter_batches(
-            batch_size=batch_size, batch_format="numpy", drop_last=True, prefetch_batches=PREFETCH,
-            local_shuffle_buffer_size=data.shuffle_buffer or None,
-            local_shuffle_seed=epoch_seed(seed, epoch, -1 if stride else rank)))
+        if isinstance(shard, StoredShard):  # a stored stream: the whole shard, permuted by the same seed
+            order = (np.random.default_rng(epoch_seed(seed, epoch, rank)).permutation(shard.rows)
+                     if data.shuffle_buffer else None)
+            self.reading = batches = shard.batches(batch_size, order)
+        else:
+            self.reading = batches = iter(shard.iter_batches(
+                batch_size=batch_size, batch_format="numpy", drop_last=True, prefetch_batches=PREFETCH,
+                local_shuffle_buffer_size=data.shuffle_buffer or None,
+                local_shuffle_seed=epoch_seed(seed, epoch, -1 if stride else rank)))
         self.batches = itertools.islice(batches, stride[0], None, stride[1]) if stride else batches
         self.rng = np.random.default_rng((seed, EXPAND_STREAM, epoch, rank))
         self.wait_ms: list[float] = []
@@ -137,7 +191,9 @@ def evaluate_shard(model, data, shard, objective, device) -> tuple[float, np.nda
     from ray_train.worker.evaluation import predict
 
     loss_sum, probs, labels = 0.0, [], []
-    for batch in shard.iter_batches(batch_size=EVAL_BATCH, batch_format="numpy", prefetch_batches=PREFETCH):
+    batches = (shard.batches(EVAL_BATCH, drop_last=False) if isinstance(shard, StoredShard)
+               else shard.iter_batches(batch_size=EVAL_BATCH, batch_format="numpy", prefetch_batches=PREFETCH))
+    for batch in batches:
         x, y = prepared(data, batch)
         part, p = predict(model, x, y, objective, device)
         loss_sum += part
