@@ -1,8 +1,9 @@
 """Elastic replica counts (--replicas MIN-MAX, ray_train/run/scaling.py) on a fake cluster of
 1-CPU nodes (ray.cluster_utils.Cluster, as tests/test_multinode.py): a sync run with --replicas
-1-2 loses a node mid-run and goes on with one replica, re-sharded, then grows back to two at an
-epoch end after a node is added; MIN > MAX and a MIN the cluster can never hold are one line, exit
-2, before any actor starts. The run is driven by fit() on the main thread; its on_epoch callback
+2-4 (half a CPU each, two per node) loses a node mid-run and goes on with two replicas, re-sharded,
+then grows back to four at an epoch end after a node is added; a run whose MIN is busy elsewhere
+waits for it, and starts when it frees or stops with one line after the stated wait; MIN > MAX and
+a MIN the cluster can never hold are one line, exit 2, before any actor starts. The run is driven by fit() on the main thread; its on_epoch callback
 removes and adds the nodes at known epochs (nodes are started from the main thread only)."""
 import os
 import time
@@ -89,10 +90,10 @@ def test_sync_shrinks_on_a_node_loss_and_grows_back_when_a_node_is_added(cluster
             victim = next(iter(c.worker_nodes))
             events.append(("removed", record["epoch"], victim.node_id))
             vanish(c, victim)
-        elif len(events) == 1 and record["replicas"] == 1:
-            # the run noticed the loss and goes on with one replica: now a node joins (a node added
+        elif len(events) == 1 and record["replicas"] == 2:
+            # the run noticed the loss and goes on with two replicas: now a node joins (a node added
             # before the loss was noticed, when an epoch ended before the kill landed, let the
-            # restart take two replicas at once: a clean-clone CI failure)
+            # restart take all of them at once: a clean-clone CI failure)
             node = c.add_node(num_cpus=1)
             c.wait_for_nodes()
             _free_cpus_at_least(1.0)
@@ -101,24 +102,67 @@ def test_sync_shrinks_on_a_node_loss_and_grows_back_when_a_node_is_added(cluster
     cfg = {"run": {"strategy": "sync", "epochs": 6, "batch_size": BATCH, "seed": 0, "eval_every": 6,
                    "storage": str(tmp_path), "run_name": "elastic"},
            "model": {"name": "mlp30"}, "data": {"dataset": "mnist5k"},
-           "resources": {"replicas": "1-2", "cpus_per_replica": 1, "placement": "SPREAD"}}
+           "resources": {"replicas": "2-4", "cpus_per_replica": 0.5, "placement": "SPREAD"}}
     summary = fit(cfg, progress=False, on_epoch=on_epoch)
     assert [e[0] for e in events] == ["removed", "added"], events
     counts = summary["replicas_history"]
-    assert [r["replicas"] for r in counts] == [2, 1, 2], counts
+    assert [r["replicas"] for r in counts] == [4, 2, 4], counts
     start, shrunk, grown = counts
     # the restart after the loss came from a checkpoint at or before the epoch it was lost in;
     # growing came at an epoch end once the node had joined (the same one, unless Ray was slow
     # to place the probe there)
     assert 1 <= shrunk["epoch"] <= events[0][1] and events[1][1] <= grown["epoch"] < 6, (counts, events)
-    # per-replica batch fixed: one replica takes twice the steps of two over the same epochs
-    two, one = steps_per_epoch(TRAIN, 2, BATCH), steps_per_epoch(TRAIN, 1, BATCH)
-    assert shrunk["step"] == shrunk["epoch"] * two
-    assert grown["step"] - shrunk["step"] == (grown["epoch"] - shrunk["epoch"]) * one
-    assert summary["steps"] == grown["step"] + (6 - grown["epoch"]) * two
-    assert summary["replicas"] == 2 and summary["epochs"] == 6 and summary["test_accuracy"] > 0.6
+    # per-replica batch fixed: two replicas take twice the steps of four over the same epochs
+    four, two = steps_per_epoch(TRAIN, 4, BATCH), steps_per_epoch(TRAIN, 2, BATCH)
+    assert shrunk["step"] == shrunk["epoch"] * four
+    assert grown["step"] - shrunk["step"] == (grown["epoch"] - shrunk["epoch"]) * two
+    assert summary["steps"] == grown["step"] + (6 - grown["epoch"]) * four
+    assert summary["replicas"] == 4 and summary["epochs"] == 6 and summary["test_accuracy"] > 0.6
     assert summary["restarts"] == 1 and summary["failures"][0]["restarted_from_epoch"] == shrunk["epoch"]
     assert events[0][2] not in summary["nodes"]["replicas"] and events[1][2] in summary["nodes"]["replicas"]
     acc = EventAccumulator(str(tmp_path / "elastic"), size_guidance={"scalars": 0})
     acc.Reload()
     assert [(e.step, e.value) for e in acc.Scalars("replicas")] == [(r["step"], r["replicas"]) for r in counts]
+
+
+@pytest.fixture
+def one_cpu_taken(cluster):
+    """One of the cluster's two CPUs held by a placement group of the test's own (another job)."""
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    _free_cpus_at_least(2.0)
+    pg = placement_group([{"CPU": 1}])
+    ray.get(pg.ready(), timeout=60)
+    yield pg
+    remove_placement_group(pg)
+
+
+def test_a_min_that_stays_busy_is_one_line_after_the_stated_wait(one_cpu_taken, capsys, tmp_path, monkeypatch):
+    import ray_train.cluster
+
+    monkeypatch.setattr(ray_train.cluster, "PLACEMENT_TIMEOUT_S", 2.0)
+    t0 = time.monotonic()
+    line = one_line_error(capsys, ["--replicas", "2-3", "--model", "mlp30", "--epochs", "1", "--storage",
+                                   str(tmp_path), "--no-tensorboard", "--no-progress"])
+    assert "could not place 2 replicas" in line and "within 2 s" in line, line
+    assert time.monotonic() - t0 >= 2.0  # it waited for MIN before giving up
+    assert not any(f.endswith(".pt") for _, _, fs in os.walk(tmp_path) for f in fs)  # no model, no checkpoint
+    _free_cpus_at_least(1.0, timeout_s=10.0)
+    assert ray.available_resources().get("CPU", 0.0) >= 1.0  # its placement group was given back
+
+
+def test_a_run_waits_for_its_min_and_starts_when_it_frees(one_cpu_taken, tmp_path):
+    """The CPU another job held is handed back 3 s into the run's wait: the run starts with MIN."""
+    import threading
+
+    from ray.util.placement_group import remove_placement_group
+
+    from ray_train.api import fit
+
+    threading.Timer(3.0, remove_placement_group, [one_cpu_taken]).start()
+    t0 = time.monotonic()
+    summary = fit({"run": {"epochs": 1, "batch_size": BATCH, "storage": str(tmp_path), "run_name": "waits"},
+                   "model": {"name": "mlp30"}, "data": {"dataset": "mnist5k"},
+                   "resources": {"replicas": "2-3", "cpus_per_replica": 1}}, progress=False)
+    assert time.monotonic() - t0 >= 3.0
+    assert summary["replicas"] == 2 and summary["epochs"] == 1 and summary["test_accuracy"] > 0.5

@@ -15,7 +15,7 @@ import os
 import pytest
 import torch
 
-from tests.conftest import one_line_error
+from tests.conftest import one_line_error, vanish
 
 ray = pytest.importorskip("ray")
 
@@ -167,7 +167,7 @@ def _remove_when(c, node, path, timeout_s: float = 300.0):
             time.sleep(0.05)  # polling a file another process writes; no event to wait on
         victim = node(c) if callable(node) else node
         t.removed = victim.node_id
-        c.remove_node(victim, allow_graceful=False)
+        vanish(c, victim)  # its daemons and the replicas on it die at once, as a machine vanishes
 
     t = threading.Thread(target=watch, daemon=True)
     t.start()
