@@ -215,6 +215,29 @@ def test_sync_restarts_on_a_replacement_node(cluster, tmp_path):
     assert set(summary["nodes"]["replicas"]) == {n.node_id for n in c.worker_nodes}
 
 
+def test_an_ensemble_finishes_with_every_member_when_a_node_is_lost(cluster, tmp_path):
+    """Two members on two of three 1-CPU nodes: a node running one of them vanishes mid-run; that
+    member restarts from its own checkpoint on the node left free, and the vote has both."""
+    from ray_train.api import fit
+
+    c, _ = cluster
+    for _ in range(3 - len(c.worker_nodes)):
+        c.add_node(num_cpus=1)
+    c.wait_for_nodes()
+    cfg = _config("ensemble", tmp_path, "e", "SPREAD")
+    cfg["run"].update(epochs=4, eval_every=4)
+    watcher = _remove_when(c, _busy_node, tmp_path / "e" / "members" / "member_0" / "checkpoints" / "ckpt-000002.pt")
+    summary = fit(cfg, tensorboard=False, progress=False)
+    watcher.join(timeout=60)
+    members = summary["members"]
+    assert [m["status"] for m in members] == ["ok", "ok"] and summary["members_voting"] == 2, members
+    assert all(m["epochs"] == 4 and m["test_accuracy"] > 0.6 for m in members), members
+    restarted = [m for m in members if m["restarts"]]
+    assert len(restarted) == 1, members  # the member on the lost node, once
+    assert watcher.removed not in restarted[0]["nodes"]["replicas"], (watcher.removed, restarted[0]["nodes"])
+    assert summary["vote_errors"] is not None
+
+
 def test_sync_losing_a_node_with_no_replacement_fails_naming_the_checkpoint(cluster, tmp_path):
     """Last in the module: it takes a worker node away. Exit 1 (ReplicaFailure), never a hang and
     never the user-error status; the checkpoint it names loads."""
