@@ -212,15 +212,19 @@ def test_async_replicas_read_disjoint_shares_that_make_up_the_epoch(ray_cluster)
     from ray_train.worker.stream import TrainStream
 
     rows = [{"x": np.array([i], np.float32), "y": i % 3} for i in range(40)]
-    data = from_streams(Streams(ray.data.from_items(rows, override_num_blocks=5), ray.data.from_items(rows[:6])))
+    read = from_streams(Streams(ray.data.from_items(rows, override_num_blocks=5), ray.data.from_items(rows[:6])))
+    stored = read.cached()
+    assert stored.stored and not read.stored
+    for data in (read, stored):  # read through Ray Data each epoch, and taken whole from the stored blocks
 
-    def share(rank, epoch=0):
-        stream = TrainStream(data, data.epoch_plan(3, epoch), 4, 3, epoch, rank, torch.device("cpu"), stride=(rank, 2))
-        return [int(v) for _ in range(5) for v in stream.next()[0][:, 0]]
+        def share(rank, epoch=0):
+            stream = TrainStream(data, data.epoch_plan(3, epoch), 4, 3, epoch, rank, torch.device("cpu"),
+                                 stride=(rank, 2))
+            return [int(v) for _ in range(5) for v in stream.next()[0][:, 0]]
 
-    a, b = share(0), share(1)
-    assert not set(a) & set(b) and sorted(a + b) == list(range(40))
-    assert share(0) == a and share(0, epoch=1) != a  # seeded: the same epoch repeats, the next differs
+        a, b = share(0), share(1)
+        assert not set(a) & set(b) and sorted(a + b) == list(range(40)), data.stored
+        assert share(0) == a and share(0, epoch=1) != a  # seeded: the same epoch repeats, the next differs
 
 
 def test_fit_takes_ray_data_datasets_with_a_transform(ray_cluster, folder, tmp_path):

@@ -136,10 +136,13 @@ class StreamData:
         return dataclasses.replace(self, splits=stored, stored=True)
 
     def epoch_plan(self, seed: int, epoch: int):
-        """The training split with this epoch's seeded block order (a lazy ray.data Dataset)."""
+        """The training split with this epoch's seeded block order (a lazy ray.data Dataset; for a
+        stored stream, its blocks in that order as one ``StoredShard``)."""
         from ray.data import RandomSeedConfig
 
         quiet_context()
+        if self.stored:
+            return StoredShard(self.splits["train"].randomize_block_order(seed=epoch_seed(seed, epoch)).materialize())
         return self.splits["train"].randomize_block_order(
             seed=RandomSeedConfig(seed=epoch_seed(seed, epoch), reseed_after_execution=False))
 

@@ -138,7 +138,7 @@ class TrainStream:
                  stride: tuple[int, int] | None = None) -> None:
         self.data, self.batch_size, self.device = data, batch_size, device
         if isinstance(shard, StoredShard):  # a stored stream: the whole shard, permuted by the same seed
-            order = (np.random.default_rng(epoch_seed(seed, epoch, rank)).permutation(shard.rows)
+            order = (np.random.default_rng(epoch_seed(seed, epoch, -1 if stride else rank)).permutation(shard.rows)
                      if data.shuffle_buffer else None)
             self.reading = batches = shard.batches(batch_size, order)
         else:
