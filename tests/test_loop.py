@@ -226,6 +226,31 @@ def test_a_replica_death_rewinds_to_the_last_checkpoint(tmp_path, monkeypatch):
     assert [h["epoch"] for h in summary.history] == list(range(1, 7))  # the redone epoch once
 
 
+class DiesWhileStarting(ScriptedEngine):
+    """A replica dies mid-run, and its restart is first placed on a node that is dying too: the
+    second start raises Ray's ActorDiedError (a clean-clone run of test_multinode's ensemble)."""
+
+    def start(self, state):
+        if self.starts == 1:
+            from ray.exceptions import ActorDiedError
+
+            self.starts += 1
+            raise ActorDiedError()
+        super().start(state)
+
+
+def test_an_actor_that_dies_while_starting_is_a_failure_and_restarts(tmp_path, monkeypatch):
+    ctx, store, signals, out, clock, acc = _run(tmp_path, monkeypatch, checkpoint_every=1)
+    loop = RunLoop(DiesWhileStarting(ctx, list(acc), clock, stop=signals, die_at=52), store, signals, None,
+                   resume_hint="runs/x")
+    summary = loop.run()
+    assert summary.restarts == 2 and summary.epochs == 6
+    second = summary.failures[1]
+    assert second["starting"] and second["error"] == "ActorDiedError" and second["epoch"] == 3, second
+    assert second["restarted_from_epoch"] == 2
+    assert "a replica died in epoch 3; restarting from checkpoint" in out.getvalue()
+
+
 def test_past_max_failures_the_loop_gives_up(tmp_path, monkeypatch):
     ctx, store, signals, out, clock, acc = _run(tmp_path, monkeypatch, max_failures=0)
     loop, _ = _loop(ctx, store, signals, acc, clock, die_at=3)

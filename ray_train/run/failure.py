@@ -18,6 +18,15 @@ class ReplicaDied(Exception):
         self.info = info
 
 
+def actor_died(exc: BaseException) -> bool:
+    """Whether ``exc`` is Ray's word that an actor died (its process or its node), without
+    importing Ray where no Ray is loaded (the loop runs without it in tests)."""
+    import sys
+
+    exceptions = sys.modules.get("ray.exceptions")
+    return exceptions is not None and isinstance(exc, exceptions.RayActorError)
+
+
 class Decision(enum.Enum):
     RESTART = "restart"
     RAISE = "raise"

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, fields
 from ray_train.engine import Chunk, Engine, StateMismatch
 from ray_train.errors import CheckpointError, Diverged, Interrupted, ReplicaFailure, ResourceError
 from ray_train.run.checkpoint import CheckpointStore
-from ray_train.run.failure import Decision, ReplicaDied
+from ray_train.run.failure import Decision, ReplicaDied, actor_died
 from ray_train.run.scaling import FixedScaling, with_replicas
 from ray_train.worker.evaluation import EvalResult
 from ray_train.worker.losses import Objective
@@ -312,6 +312,13 @@ class RunLoop:
         except StateMismatch as exc:
             raise CheckpointError(f"checkpoint {found[1]} does not fit this run's model.name/optim.optimizer "
                                   f"({self.cfg.model.name}/{self.cfg.optim.optimizer}): {exc}") from None
+        except Exception as exc:
+            if not actor_died(exc):
+                raise
+            # a replica died while it started: Ray placed it on a node that was dying but not yet
+            # declared dead (a restart right after a node loss); a failure like any other
+            raise ReplicaDied({"rank": None, "pid": None, "error": type(exc).__name__, "starting": True,
+                               "epoch": state["epoch"] + 1 if state else 1}) from exc
         if state is not None:
             self.progress = Progress(state["epoch"], state["step"], state["in_epoch"], state["train_s"],
                                      state["samples"], int(state.get("comm_bytes", 0)), list(state["history"]),
@@ -344,7 +351,7 @@ class RunLoop:
     def _recover(self, died: ReplicaDied) -> tuple[dict, str] | None:
         """Record the failure; past run.max_failures give up, else rewind to the last checkpoint."""
         self.engine.shutdown(graceful=False)
-        rank, pid, epoch = died.info.get("rank"), died.info.get("pid"), self.progress.epoch + 1
+        rank, pid, epoch = died.info.get("rank"), died.info.get("pid"), died.info.get("epoch", self.progress.epoch + 1)
         who = f"replica {rank} (pid {pid})" if rank is not None else "a replica"
         if died.info.get("stage") is not None:
             who = f"stage {died.info['stage']} of {who}"
