@@ -22,7 +22,7 @@ train: $(VENV)/.installed
 	$(PY) -m ray_train --config configs/default.yaml $(ARGS)
 
 test: $(VENV)/.installed-dev
-	$(PY) -m pytest -q tests $(ARGS)
+	$(PY) -m pytest -q --durations=15 tests $(ARGS)
 
 bench: $(VENV)/.installed-dev
 	$(PY) scripts/benchmark.py $(ARGS)
