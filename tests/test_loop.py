@@ -251,6 +251,30 @@ def test_an_actor_that_dies_while_starting_is_a_failure_and_restarts(tmp_path, m
     assert "a replica died in epoch 3; restarting from checkpoint" in out.getvalue()
 
 
+class DiesWhileFinishing(ScriptedEngine):
+    """Every epoch trained, then a replica dies in the run's summary (its node vanished after the
+    last epoch: a clean-clone run of test_multinode's ensemble raised ReplicaDied out of fit)."""
+
+    def extras(self):
+        if self.starts == 1:
+            raise ReplicaDied({"rank": 0, "pid": 4242, "error": "ActorUnavailableError"})
+        return {}
+
+
+def test_a_death_after_the_last_epoch_restarts_from_the_final_checkpoint_and_finishes(tmp_path, monkeypatch):
+    ctx, store, signals, out, clock, acc = _run(tmp_path, monkeypatch, checkpoint_every=1)
+    straight, engine = _loop(ctx, store, signals, acc, clock)
+    reference = (straight.run(), engine.params)
+    ctx2, store2, signals2, out2, clock2, _ = _run(tmp_path / "b", monkeypatch, checkpoint_every=1)
+    engine2 = DiesWhileFinishing(ctx2, list(acc), clock2, stop=signals2)
+    summary = RunLoop(engine2, store2, signals2, None, resume_hint="runs/x").run()
+    assert engine2.starts == 2 and engine2.params == reference[1]  # nothing trained twice
+    assert summary.epochs == 6 and summary.steps == reference[0].steps and summary.restarts == 1
+    assert summary.failures[0]["restarted_from_epoch"] == 6 and summary.failures[0]["epoch"] == 6
+    assert "replica 0 (pid 4242) died in epoch 6; restarting from checkpoint" in out2.getvalue()
+    assert [h["epoch"] for h in summary.history] == list(range(1, 7))
+
+
 def test_past_max_failures_the_loop_gives_up(tmp_path, monkeypatch):
     ctx, store, signals, out, clock, acc = _run(tmp_path, monkeypatch, max_failures=0)
     loop, _ = _loop(ctx, store, signals, acc, clock, die_at=3)

@@ -120,8 +120,9 @@ class RunLoop:
             while True:
                 try:
                     self._begin(found, hint)
-                    stop = self._train()
-                    break
+                    # a death in the final evaluation or summary too goes back to the last
+                    # checkpoint (the final one: the run then has nothing left to train)
+                    return self._finish(*self._train())
                 except ReplicaDied as exc:
                     restarted, hint = "the failure", self.replicas
                     found = self._recover(exc)
@@ -132,7 +133,6 @@ class RunLoop:
                     if restarted is None:
                         raise  # the cluster never had room: the user's resources are wrong (exit 2)
                     raise self._cannot_restart(exc, found, restarted) from None
-            return self._finish(*stop)
         finally:
             self.engine.shutdown()
 
@@ -305,6 +305,7 @@ class RunLoop:
         state = found[0] if found else None
         self.progress, self.schedule = Progress(), Schedule(self.cfg.optim)
         self.diverged, self.warned, self.last_eval, self.t_epoch = None, False, None, time.perf_counter()
+        self.finishing = False
         count = self.scaling.start_count(hint)
         self.ctx.cfg = self.base_cfg if count == self.base_cfg.resources.replicas else with_replicas(self.base_cfg, count)
         try:
@@ -351,7 +352,8 @@ class RunLoop:
     def _recover(self, died: ReplicaDied) -> tuple[dict, str] | None:
         """Record the failure; past run.max_failures give up, else rewind to the last checkpoint."""
         self.engine.shutdown(graceful=False)
-        rank, pid, epoch = died.info.get("rank"), died.info.get("pid"), died.info.get("epoch", self.progress.epoch + 1)
+        ended = self.progress.epoch + (0 if self.finishing else 1)  # a death while finishing: after the last epoch
+        rank, pid, epoch = died.info.get("rank"), died.info.get("pid"), died.info.get("epoch", ended)
         who = f"replica {rank} (pid {pid})" if rank is not None else "a replica"
         if died.info.get("stage") is not None:
             who = f"stage {died.info['stage']} of {who}"
@@ -378,7 +380,7 @@ class RunLoop:
         return ReplicaFailure(f"could not restart after {after}: {exc}; {where}{hint}")
 
     def _finish(self, stopped: str, reason: str) -> Summary:
-        p = self.progress
+        p, self.finishing = self.progress, True
         if stopped == "interrupted":
             self.sink.flush()
             raise Interrupted(self.stop_signal.signum if hasattr(self.stop_signal, "signum") else signal.SIGINT,
