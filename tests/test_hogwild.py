@@ -24,7 +24,10 @@ EPOCHS, HALF = 4, 2
 # Measured (mlp30, momentum 0.05, batch 64, 2 replicas, 4 epochs, seeds 0-3): sync 84.7-86.3%,
 # hogwild 3.1-4.5 points above sync (it takes twice the updates, each on half the batch), and two
 # hogwild runs of one seed 0.0-0.3 points apart (the races). The margins sit well outside both.
-MARGIN_VS_SYNC, MARGIN_RESUMED = 0.015, 0.01
+# A run resumed after epoch 2 against an uninterrupted one (2026-12-07, seed 0): uninterrupted 0.886,
+# 0.887 and 0.897 (a clean-clone CI run), resumed 0.881, 0.888, 0.890: up to 1.6 points apart, so
+# the resumed margin is 3 points (still far from a restart from scratch: 0.71-0.72 after one epoch).
+MARGIN_VS_SYNC, MARGIN_RESUMED = 0.015, 0.03
 
 
 def _rt_segments() -> set[str]:

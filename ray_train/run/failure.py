@@ -19,12 +19,14 @@ class ReplicaDied(Exception):
 
 
 def actor_died(exc: BaseException) -> bool:
-    """Whether ``exc`` is Ray's word that an actor died (its process or its node), without
-    importing Ray where no Ray is loaded (the loop runs without it in tests)."""
+    """Whether ``exc`` is Ray's word that an actor died (its process or its node), not that its
+    constructor raised (a user's factory failing in the replica: a user error, reported as such),
+    without importing Ray where no Ray is loaded (the loop runs without it in tests)."""
     import sys
 
     exceptions = sys.modules.get("ray.exceptions")
-    return exceptions is not None and isinstance(exc, exceptions.RayActorError)
+    return (exceptions is not None and isinstance(exc, exceptions.RayActorError)
+            and not getattr(exc, "actor_init_failed", False))
 
 
 class Decision(enum.Enum):
