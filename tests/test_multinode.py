@@ -182,6 +182,15 @@ def _remove_when(c, node, path, timeout_s: float = 300.0):
     return t
 
 
+def _three_nodes(cluster):
+    """The module's cluster topped up to three 1-CPU worker nodes (room for a replacement)."""
+    c, _ = cluster
+    for _ in range(3 - len(c.worker_nodes)):
+        c.add_node(num_cpus=1)
+    c.wait_for_nodes()
+    return c
+
+
 def _node(c, node_id):
     return next(n for n in c.worker_nodes if n.node_id == node_id)
 
@@ -208,10 +217,7 @@ def test_sync_restarts_on_a_replacement_node(cluster, tmp_path):
     group restarts from the checkpoint on the two left."""
     from ray_train.api import fit
 
-    c, _ = cluster
-    for _ in range(3 - len(c.worker_nodes)):
-        c.add_node(num_cpus=1)
-    c.wait_for_nodes()
+    c = _three_nodes(cluster)
     cfg = _config("sync", tmp_path, "r", "SPREAD")
     cfg["run"].update(epochs=4, eval_every=4)
     watcher = _remove_when(c, _busy_node, tmp_path / "r" / "checkpoints" / "ckpt-000002.pt")
@@ -228,10 +234,7 @@ def test_an_ensemble_finishes_with_every_member_when_a_node_is_lost(cluster, tmp
     member restarts from its own checkpoint on the node left free, and the vote has both."""
     from ray_train.api import fit
 
-    c, _ = cluster
-    for _ in range(3 - len(c.worker_nodes)):
-        c.add_node(num_cpus=1)
-    c.wait_for_nodes()
+    c = _three_nodes(cluster)
     cfg = _config("ensemble", tmp_path, "e", "SPREAD")
     cfg["run"].update(epochs=4, eval_every=4)
     watcher = _remove_when(c, _busy_node, tmp_path / "e" / "members" / "member_0" / "checkpoints" / "ckpt-000002.pt")

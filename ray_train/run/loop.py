@@ -305,7 +305,6 @@ class RunLoop:
         state = found[0] if found else None
         self.progress, self.schedule = Progress(), Schedule(self.cfg.optim)
         self.diverged, self.warned, self.last_eval, self.t_epoch = None, False, None, time.perf_counter()
-        self.finishing = False
         count = self.scaling.start_count(hint)
         self.ctx.cfg = self.base_cfg if count == self.base_cfg.resources.replicas else with_replicas(self.base_cfg, count)
         try:
@@ -352,8 +351,7 @@ class RunLoop:
     def _recover(self, died: ReplicaDied) -> tuple[dict, str] | None:
         """Record the failure; past run.max_failures give up, else rewind to the last checkpoint."""
         self.engine.shutdown(graceful=False)
-        ended = self.progress.epoch + (0 if self.finishing else 1)  # a death while finishing: after the last epoch
-        rank, pid, epoch = died.info.get("rank"), died.info.get("pid"), died.info.get("epoch", ended)
+        rank, pid, epoch = died.info.get("rank"), died.info.get("pid"), died.info.get("epoch", self.progress.epoch + 1)
         who = f"replica {rank} (pid {pid})" if rank is not None else "a replica"
         if died.info.get("stage") is not None:
             who = f"stage {died.info['stage']} of {who}"
@@ -380,7 +378,14 @@ class RunLoop:
         return ReplicaFailure(f"could not restart after {after}: {exc}; {where}{hint}")
 
     def _finish(self, stopped: str, reason: str) -> Summary:
-        p, self.finishing = self.progress, True
+        try:
+            return self._summary(stopped, reason)
+        except ReplicaDied as died:  # after the last epoch: the death belongs to it, not to the next
+            died.info.setdefault("epoch", self.progress.epoch)
+            raise
+
+    def _summary(self, stopped: str, reason: str) -> Summary:
+        p = self.progress
         if stopped == "interrupted":
             self.sink.flush()
             raise Interrupted(self.stop_signal.signum if hasattr(self.stop_signal, "signum") else signal.SIGINT,

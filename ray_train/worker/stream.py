@@ -137,15 +137,14 @@ class TrainStream:
     def __init__(self, data, shard, batch_size: int, seed: int, epoch: int, rank: int, device,
                  stride: tuple[int, int] | None = None) -> None:
         self.data, self.batch_size, self.device = data, batch_size, device
+        shuffle_seed = epoch_seed(seed, epoch, -1 if stride else rank)  # strided replicas share one order
         if isinstance(shard, StoredShard):  # a stored stream: the whole shard, permuted by the same seed
-            order = (np.random.default_rng(epoch_seed(seed, epoch, -1 if stride else rank)).permutation(shard.rows)
-                     if data.shuffle_buffer else None)
+            order = np.random.default_rng(shuffle_seed).permutation(shard.rows) if data.shuffle_buffer else None
             self.reading = batches = shard.batches(batch_size, order)
         else:
             self.reading = batches = iter(shard.iter_batches(
                 batch_size=batch_size, batch_format="numpy", drop_last=True, prefetch_batches=PREFETCH,
-                local_shuffle_buffer_size=data.shuffle_buffer or None,
-                local_shuffle_seed=epoch_seed(seed, epoch, -1 if stride else rank)))
+                local_shuffle_buffer_size=data.shuffle_buffer or None, local_shuffle_seed=shuffle_seed))
         self.batches = itertools.islice(batches, stride[0], None, stride[1]) if stride else batches
         self.rng = np.random.default_rng((seed, EXPAND_STREAM, epoch, rank))
         self.wait_ms: list[float] = []
