@@ -182,10 +182,10 @@ def _remove_when(c, node, path, timeout_s: float = 300.0):
     return t
 
 
-def _three_nodes(cluster):
-    """The module's cluster topped up to three 1-CPU worker nodes (room for a replacement)."""
+def _three_nodes(cluster, n: int = 3):
+    """The module's cluster topped up to ``n`` 1-CPU worker nodes (three: room for a replacement)."""
     c, _ = cluster
-    for _ in range(3 - len(c.worker_nodes)):
+    for _ in range(n - len(c.worker_nodes)):
         c.add_node(num_cpus=1)
     c.wait_for_nodes()
     return c
@@ -249,14 +249,49 @@ def test_an_ensemble_finishes_with_every_member_when_a_node_is_lost(cluster, tmp
     assert summary["vote_errors"] is not None
 
 
-def test_sync_losing_a_node_with_no_replacement_fails_naming_the_checkpoint(cluster, tmp_path):
+def test_sandblaster_reissues_the_units_of_a_lost_node_and_ends_as_undisturbed(runs, cluster, tmp_path, monkeypatch):
+    """Two replicas on two 1-CPU nodes and no room for a third: the node running replica 1 vanishes
+    as a unit is handed to it in the second epoch. The replica cannot be restarted; its outstanding
+    unit is evaluated by the survivor and the run ends with the parameters of the undisturbed run
+    across nodes (L-BFGS sums the units in unit order, whoever evaluates them: exact, not statistical)."""
+    from ray_train.api import fit
+    from ray_train.strategies.sandblaster.engine import SandblasterEngine
+
+    storage = runs[0]
+    c = _three_nodes(cluster, 2)
+    lost = []
+
+    def hook(event, info):
+        engine = info["engine"]
+        if event == "dispatch" and info["rank"] == 1 and engine.iteration == 5 and not lost:
+            node_id = engine.node_ids[1]
+            lost.append(node_id)
+            vanish(c, _node(c, node_id))
+
+    monkeypatch.setattr(SandblasterEngine, "hooks", staticmethod(hook))
+    cfg = _config("sandblaster", tmp_path, "s", "SPREAD")
+    summary = fit(cfg, tensorboard=False, progress=False)
+    assert lost, "the hook never fired"
+    assert summary["stopped"] == "epochs" and summary["iterations"] == 8, summary
+    assert [f["rank"] for f in summary["failures"]] == [1], summary["failures"]
+    assert summary["reissued_units"] + summary["backup_wins"] >= 1, summary
+    assert summary["nodes"]["replicas"][1] is None and summary["nodes"]["replicas"][0] not in (None, lost[0])
+    a = torch.load(storage / "sandblaster-across" / "model-last.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "s" / "model-last.pt", weights_only=False)["model"]
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
+
+
+def test_sync_losing_a_node_with_no_replacement_fails_naming_the_checkpoint(cluster, tmp_path, monkeypatch):
     """Last in the module: it takes a worker node away. Exit 1 (ReplicaFailure), never a hang and
-    never the user-error status; the checkpoint it names loads."""
+    never the user-error status; the checkpoint it names loads. The restart's wait for room is cut
+    from 60 s to 5 s (the suite's time; what is waited for does not change)."""
+    import ray_train.cluster
     from ray_train.api import fit
     from ray_train.errors import ReplicaFailure
     from ray_train.run.checkpoint import load_checked
 
-    c, _ = cluster
+    c = _three_nodes(cluster, 2)
+    monkeypatch.setattr(ray_train.cluster, "PLACEMENT_TIMEOUT_S", 5.0)
     cfg = _config("sync", tmp_path, "lost", "SPREAD")
     cfg["run"].update(epochs=40, eval_every=40)
     watcher = _remove_when(c, _busy_node, tmp_path / "lost" / "checkpoints" / "ckpt-000002.pt")

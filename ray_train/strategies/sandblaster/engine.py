@@ -88,7 +88,9 @@ class SandblasterEngine(DriverModel, Engine):
                                     pg=self.pg, bundle=r, max_restarts=cfg.run.max_failures).remote(
             ReplicaContext(r, res.replicas, res.cpus_per_replica, res.gpus_per_replica, cfg.run.seed), cfg, ctx.model)
             for r in range(res.replicas)]
-        self.pids = {i["rank"]: i["pid"] for i in ray.get([w.setup.remote(ctx.data_ref) for w in self.workers])}
+        infos = ray.get([w.setup.remote(ctx.data_ref) for w in self.workers])
+        self.pids = {i["rank"]: i["pid"] for i in infos}
+        self.node_ids = [i["node_id"] for i in sorted(infos, key=lambda i: i["rank"])]  # None while one is down
         self.alive, self.rejoining = set(range(res.replicas)), {}  # setup ref of a restarting replica -> rank
         self.inflight: dict = {}  # unit ref -> (rank, version, unit, backup); also losers still running
         whole = "the whole training set" if sb.lbfgs_batch is None else "a seeded sample per iteration"
@@ -264,6 +266,7 @@ class SandblasterEngine(DriverModel, Engine):
         if rank not in self.alive:
             return  # another of its calls already told
         self.alive.discard(rank)
+        self.node_ids[rank] = None
         failure = {"kind": "replica", "rank": rank, "pid": self.pids.get(rank), "error": type(exc).__name__,
                    "iteration": self.iteration, "step": self.iteration,
                    "epoch": round(self.iteration / self.epoch_steps(), 3)}
@@ -286,7 +289,7 @@ class SandblasterEngine(DriverModel, Engine):
                 failure["restarted_pid"], failure["rejoined_iteration"] = info["pid"], self.iteration
                 break
         self.ctx.sink.say(f"replica {rank} restarted (pid {info['pid']}); it takes work units again")
-        self.pids[rank] = info["pid"]
+        self.pids[rank], self.node_ids[rank] = info["pid"], info["node_id"]
         self.alive.add(rank)
 
     # -- evaluation, state, the end --------------------------------------------------------------
@@ -303,7 +306,8 @@ class SandblasterEngine(DriverModel, Engine):
                 "dispatch": self.ctx.cfg.sandblaster.dispatch,
                 # mean seconds of the iterations this process ran (a resumed run: since the resume)
                 "iteration_s": float(np.mean(self.iteration_s)) if self.iteration_s else None,
-                "nodes": {"replicas": [i["node_id"] for i in ray.get([retried(w.info).remote() for w in self.workers])]}}
+                # as the replicas last told: asking a replica whose restart waits for room would wait with it
+                "nodes": {"replicas": list(self.node_ids)}}
 
     def _settle(self) -> None:
         """Copies still out at the end (backups that lost, or units of a replica whose death Ray
