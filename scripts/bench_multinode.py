@@ -54,54 +54,15 @@ FOUR = ("across4_hier", "across4_gloo")
 
 
 # -- Ray Train, in a driver process of its own (this file run with --raytrain) --------------------
-def _raytrain_loop(config: dict) -> None:
-    """Ray Train's worker function: DDP (gloo) over the same model, data and SGD."""
-    import numpy as np
-    import ray.train
-    import ray.train.torch
-    import torch
-    import torch.nn.functional as F
-
-    from models import build_model
-    from ray_train.config import DataConfig
-    from ray_train.data.loaders import load_dataset
-    from ray_train.worker.batches import to_tensor
-
-    torch.set_num_threads(1)
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    data = load_dataset(DataConfig(dataset="mnist5k"))
-    torch.manual_seed(0)
-    model = ray.train.torch.prepare_model(build_model(MODEL))
-    opt = torch.optim.SGD(model.parameters(), lr=LR)
-    batch, rng = config["batch"], np.random.default_rng(rank)
-    shard = np.arange(rank, len(data.y_train), world)
-
-    def step():
-        idx = rng.choice(shard, batch, replace=False)
-        x, y = to_tensor(data.x_train[idx]), torch.from_numpy(data.y_train[idx])
-        opt.zero_grad(set_to_none=False)
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
-
-    for _ in range(config["warmup"]):
-        step()
-    t0 = time.perf_counter()
-    for _ in range(config["steps"]):
-        step()
-    elapsed = time.perf_counter() - t0
-    import ray as _ray
-
-    node = _ray.get_runtime_context().get_node_id()
-    with open(f"{config['out']}.{rank}", "w") as fh:  # v2 keeps reported metrics only with checkpoints
-        json.dump({"samples_per_s": config["steps"] * batch * world / elapsed, "timed_s": elapsed, "node": node}, fh)
-
-
 def raytrain(address: str, steps: int, warmup: int) -> dict:
     import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    import scripts.benchmark
+    from scripts.benchmark import _raytrain_loop
+
+    ray.cloudpickle.register_pickle_by_value(scripts.benchmark)  # the workers need not import scripts/
     ray.init(address=address, log_to_driver=False)
     storage = tempfile.mkdtemp(prefix="raytrain-multinode-")
     out = os.path.join(storage, "figures.json")

@@ -194,8 +194,10 @@ def busy_seconds(run_dir: str, replicas: int) -> float:
 
 
 def _raytrain_loop(config: dict) -> None:
-    """Ray Train's worker function: DDP (gloo) over the same model, data and SGD."""
+    """Ray Train's worker function: DDP (gloo) over the same model, data and SGD (here and in
+    bench_multinode.py). Each rank writes its figures and node to ``out.<rank>``."""
     import numpy as np
+    import ray
     import ray.train
     import ray.train.torch
     import torch
@@ -227,9 +229,9 @@ def _raytrain_loop(config: dict) -> None:
     for _ in range(config["steps"]):
         step()
     elapsed = time.perf_counter() - t0
-    if rank == 0:  # Ray Train v2 keeps reported metrics only with checkpoints: hand them over in a file
-        with open(config["out"], "w") as fh:
-            json.dump({"samples_per_s": config["steps"] * batch * world / elapsed, "timed_s": elapsed}, fh)
+    node = ray.get_runtime_context().get_node_id()
+    with open(f"{config['out']}.{rank}", "w") as fh:  # Ray Train v2 keeps reported metrics only with checkpoints
+        json.dump({"samples_per_s": config["steps"] * batch * world / elapsed, "timed_s": elapsed, "node": node}, fh)
 
 
 def case_raytrain(workers: int, batch: int, steps: int, warmup: int) -> dict:
@@ -248,7 +250,7 @@ def case_raytrain(workers: int, batch: int, steps: int, warmup: int) -> dict:
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=False, resources_per_worker={"CPU": 1}),
         run_config=RunConfig(storage_path=storage, name="bench"))
     trainer.fit()
-    with open(out) as fh:
+    with open(f"{out}.0") as fh:
         return json.load(fh)
 
 

@@ -61,3 +61,38 @@ def vanish(cluster, node) -> None:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+MARKER = "RAY_TRAIN_TEST_MARKER"  # an environment variable set on processes a test starts (ray start, TensorBoard)
+
+
+def marked_pids(marker: str) -> list[int]:
+    """Processes whose environment carries ``MARKER=marker``: exactly the ones this test started,
+    and what they started in turn."""
+    needle = f"{MARKER}={marker}".encode()
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as fh:
+                if needle in fh.read().split(b"\0"):
+                    pids.append(int(entry))
+        except OSError:  # gone, or not ours to read
+            pass
+    return pids
+
+
+def kill_marked(marker: str, grace_s: float) -> None:
+    """Wait up to ``grace_s`` for the marked processes to end by themselves, then SIGKILL the rest."""
+    import signal
+    import time
+
+    deadline = time.monotonic() + grace_s
+    while marked_pids(marker) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    for pid in marked_pids(marker):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

@@ -14,7 +14,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,35 +23,13 @@ import urllib.request
 
 import pytest
 
-from tests.conftest import ROOT
+from ray_train.cluster import free_port
+from tests.conftest import MARKER, ROOT, kill_marked
 
 VENV_BIN = os.path.dirname(sys.executable)
-MARKER = "RAY_TRAIN_TEST_MARKER"
 HEAD_START_S = 90
 JOB_S = 180
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def marked_pids(marker: str) -> list[int]:
-    """Processes whose environment carries ``MARKER=marker``: exactly the ones this test started."""
-    needle = f"{MARKER}={marker}".encode()
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{entry}/environ", "rb") as fh:
-                if needle in fh.read().split(b"\0"):
-                    pids.append(int(entry))
-        except OSError:  # gone, or not ours to read
-            pass
-    return pids
 
 
 def stop_marked(proc: subprocess.Popen, marker: str, grace_s: float = 30.0) -> None:
@@ -65,14 +42,7 @@ def stop_marked(proc: subprocess.Popen, marker: str, grace_s: float = 30.0) -> N
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-    deadline = time.monotonic() + grace_s
-    while marked_pids(marker) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    for pid in marked_pids(marker):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    kill_marked(marker, grace_s)
 
 
 def http_json(url: str, token: str | None):

@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,35 +21,14 @@ import urllib.request
 
 import pytest
 
+from ray_train.cluster import free_port
 from ray_train.metrics.tensorboard import FLUSH_SECS
-from tests.conftest import ROOT
+from tests.conftest import MARKER, ROOT, kill_marked
 
 VENV_BIN = os.path.dirname(sys.executable)
-MARKER = "RAY_TRAIN_TEST_MARKER"
 RUN = "live"
 FIRST_POINTS_S = 120  # Ray start + data + first flush, on a busy 2-core machine
 GROWTH_S = 10 * FLUSH_SECS
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def marked_pids(marker: str) -> list[int]:
-    needle = f"{MARKER}={marker}".encode()
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{entry}/environ", "rb") as fh:
-                if needle in fh.read().split(b"\0"):
-                    pids.append(int(entry))
-        except OSError:
-            pass
-    return pids
 
 
 def stop(procs: list[subprocess.Popen], marker: str, grace_s: float = 30.0) -> None:
@@ -65,14 +43,7 @@ def stop(procs: list[subprocess.Popen], marker: str, grace_s: float = 30.0) -> N
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-    deadline = time.monotonic() + grace_s
-    while marked_pids(marker) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    for pid in marked_pids(marker):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    kill_marked(marker, grace_s)
 
 
 def read_steps(base: str, tag: str) -> list[int]:
