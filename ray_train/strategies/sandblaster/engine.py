@@ -90,7 +90,7 @@ class SandblasterEngine(DriverModel, Engine):
             for r in range(res.replicas)]
         infos = ray.get([w.setup.remote(ctx.data_ref) for w in self.workers])
         self.pids = {i["rank"]: i["pid"] for i in infos}
-        self.node_ids = [i["node_id"] for i in sorted(infos, key=lambda i: i["rank"])]  # None while one is down
+        self.node_ids = [i["node_id"] for i in infos]  # by rank, as self.workers; None while one is down
         self.alive, self.rejoining = set(range(res.replicas)), {}  # setup ref of a restarting replica -> rank
         self.inflight: dict = {}  # unit ref -> (rank, version, unit, backup); also losers still running
         whole = "the whole training set" if sb.lbfgs_batch is None else "a seeded sample per iteration"
